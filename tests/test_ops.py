@@ -1,0 +1,33 @@
+"""The shared resize operators against PyTorch's F.interpolate on fresh random maps."""
+import numpy as np
+import pytest
+
+from cpsl_jax import ops
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((7, 11), (13, 5)), ((129, 257), (256, 512)), ((65, 113), (128, 224)), ((5, 9), (1, 1))])
+def test_resize_bilinear_matches_align_corners_true(in_hw, out_hw):
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, *in_hw, 3)).astype(np.float32)
+    ours = np.asarray(ops.resize_bilinear(x, out_hw))
+    ref = F.interpolate(torch.from_numpy(x).permute(0, 3, 1, 2), size=out_hw, mode="bilinear", align_corners=True)
+    np.testing.assert_allclose(ours, ref.permute(0, 2, 3, 1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [((512, 896), (128, 224)), ((7, 11), (13, 5)), ((1024, 2048), (129, 257)), ((128, 224), (512, 896))])
+def test_resize_nearest_matches_legacy_nearest(in_hw, out_hw):
+    rng = np.random.default_rng()
+    x = rng.integers(0, 255, (2, *in_hw), dtype=np.uint8)
+    ours = np.asarray(ops.resize_nearest(x, out_hw))
+    ref = F.interpolate(torch.from_numpy(x[:, None].astype(np.float32)), size=out_hw, mode="nearest")[:, 0]
+    np.testing.assert_array_equal(ours, ref.numpy().astype(np.uint8))
+
+
+def test_l2_normalize_matches_torch():
+    x = np.random.default_rng().standard_normal((4, 7, 256)).astype(np.float32)
+    x[0, 0] = 0.0  # a zero row stays zero, as F.normalize's eps clamp does
+    ours = np.asarray(ops.l2_normalize(x))
+    np.testing.assert_allclose(ours, F.normalize(torch.from_numpy(x), dim=-1).numpy(), rtol=1e-6, atol=1e-7)
