@@ -1,0 +1,26 @@
+"""GTA5 -> Cityscapes, 19 classes: every stage of the paper, with its hyper-parameters.
+
+    python -m cpsl_jax.main --config=configs/gta5.py:STAGE --workdir=runs/gta5/STAGE
+
+STAGE, in pipeline order: warmup, soft_labels, prototypes, class_distribution, stage1,
+hard_labels, stage2, hard_labels_stage2, stage3, eval (of the stage-3 model; point
+``--config.init.checkpoint`` at any other model, e.g. a published ``.pkl``).
+Dataset roots and the artifacts of earlier stages are the paths below; override them with
+``--config.data.source_root=...`` etc. The warm-up's values are the reference parser's
+defaults: no warm-up command is published (the authors ship the warm-up checkpoint).
+"""
+
+from cpsl_jax import defaults
+
+RUNS = "runs/gta5"
+
+
+def get_config(stage: str = "stage1"):
+    c = defaults.base()
+    c.stage = stage
+    c.data.source, c.data.source_root = "gta5", "data/GTA5"
+    c.data.target, c.data.target_root = "cityscapes", "data/Cityscapes"
+    c.data.source_base_size = (2048, 1024)
+    c.data.lab_stats = f"{RUNS}/artifacts/cityscapes_lab_stats.npy"
+    defaults.apply_stage(c, stage, RUNS)
+    return c

@@ -1,0 +1,204 @@
+"""The config schema: every key a run may set, with the paper's values as defaults.
+
+Each file in ``configs/`` starts from ``base()`` and changes what its task and stage need.
+Keys not defined here are rejected when a config is loaded or overridden
+(``--config.cpsl.temprature=...`` fails before anything compiles), so a typo cannot be
+silently ignored. Values follow the reference's commands and parser defaults; the
+warm-up's are the parser's defaults, since no warm-up command is published.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+STAGES = ("warmup", "stage1", "stage2", "stage3", "eval", "soft_labels", "hard_labels", "prototypes",
+          "class_distribution", "demo")
+
+
+def base() -> mlc.ConfigDict:
+    c = mlc.ConfigDict()
+    c.stage = "stage1"
+    c.seed = 0
+
+    # -- network ------------------------------------------------------------------------------
+    c.model = mlc.ConfigDict()
+    c.model.num_classes = 19
+    c.model.depth = 101            # 50, 101, or 14 (one block per stage: tests and the demo)
+    c.model.width = 64             # base width of the ResNet (64 in the paper)
+    c.model.head_width = 256       # feature dimension of the ASPP head (256 in the paper)
+    c.model.bn_pretrain = False    # BatchNorm on the backbone output (stages 2/3, SimCLR backbone)
+    c.model.dtype = "float32"      # compute dtype: 'float32' or 'bfloat16' (params and norms stay float32)
+    c.model.remat = False          # rematerialise each bottleneck block in the backward pass
+    c.model.dropout_rate = 0.1
+
+    # -- initialisation -----------------------------------------------------------------------
+    c.init = mlc.ConfigDict()
+    c.init.checkpoint = ""         # reference .pkl / bare ResNet state dict / this project's checkpoint dir
+    c.init.backbone_only = False   # load only the backbone from init.checkpoint (ImageNet / SimCLR weights)
+    c.init.teacher = ""            # stages 2/3: the frozen teacher; stage 1: defaults to init.checkpoint
+    c.init.prototypes = ""         # stage 1: initial prototypes (.npy, C x 256) from the prototypes tool
+    c.init.class_distribution = ""  # stage 1: Sinkhorn prior (.npy, C values) from the class-distribution tool
+
+    # -- data ---------------------------------------------------------------------------------
+    c.data = mlc.ConfigDict()
+    c.data.source = "gta5"         # 'gta5', 'synthia', 'synthetic-source'
+    c.data.source_root = ""
+    c.data.target = "cityscapes"   # 'cityscapes', 'synthetic-target'
+    c.data.target_root = ""
+    c.data.source_base_size = (2048, 1024)   # (W, H) after reading; SYNTHIA: (1280, 760)
+    c.data.target_base_size = (2048, 1024)
+    c.data.crop_size = (896, 512)  # (W, H) of the weak view
+    c.data.rescale_base_width = 2200        # w = int(U(0.5, 1.5) * 2200)
+    c.data.rescale_range = (0.5, 1.5)
+    c.data.batch_size = 4          # global batch, over all devices and hosts
+    c.data.eval_batch_size = 4
+    c.data.worker_count = 4        # grain worker processes per host (0: in the main process)
+    c.data.colour_transfer = True  # CIELAB transfer of source images toward target images (GTA5 runs)
+    c.data.pseudo_labels = ""      # pseudo-label store directory (soft for stage 1, hard for 2/3)
+    c.data.lab_stats = ""          # precomputed target Lab means/stds (.npy, N x 2 x 3)
+    c.data.confidence_threshold = 0.95
+
+    # -- optimisation -------------------------------------------------------------------------
+    c.optim = mlc.ConfigDict()
+    c.optim.base_lr = 1e-4
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 2e-4
+    c.optim.power = 0.9
+    c.optim.max_steps = 90_000     # polynomial decay horizon; training stops there
+    c.optim.lr_mult = mlc.ConfigDict({"backbone": 1.0, "head": 5.0, "prototypes": 5.0, "bn_pretrain": 10.0})
+    c.optim.repeated_updates = True  # quirk: each backbone tensor updated 3-4 times per step
+    c.optim.disc_lr = 1e-4         # warm-up discriminator, Adam
+    c.optim.disc_betas = (0.9, 0.99)
+
+    # -- CPSL (stage 1) -----------------------------------------------------------------------
+    c.cpsl = mlc.ConfigDict()
+    c.cpsl.temperature = 0.08
+    c.cpsl.epsilon = 0.05
+    c.cpsl.sinkhorn_iterations = 3
+    c.cpsl.samples_per_image = 256
+    c.cpsl.queue_size = 65_536
+    c.cpsl.sl_weight = 0.1
+    c.cpsl.consistency_weight = 5.0
+    c.cpsl.contrastive_weight = 1e-3
+    c.cpsl.rce = True
+    c.cpsl.rce_alpha = 0.1
+    c.cpsl.rce_beta = 1.0
+    c.cpsl.rectify_threshold = 0.0
+    c.cpsl.rectify = True          # ablation switch: prototype rectification of the soft pseudo labels
+    c.cpsl.class_balanced = True   # ablation switch: False uses a uniform Sinkhorn prior
+    c.cpsl.teacher_ema = 0.999
+    c.cpsl.prototype_ema = 0.999
+    c.cpsl.cutmix_prob = 0.5
+    c.cpsl.teacher_train_mode = True  # quirk: the EMA teacher runs with batch statistics and dropout
+    c.cpsl.batched_sinkhorn = False   # paper intent: one Sinkhorn over the whole batch
+    c.cpsl.queue_unnormalised_prototypes = True  # quirk: queue rows scored against un-normalised P
+    c.cpsl.anchor_label_quirk = True  # quirk: contrastive anchor labels read at 65x113 indices of 129x257
+    c.cpsl.queue_label_quirk = True   # quirk: labels pushed with the queue = top row of the label map
+    c.cpsl.translate_quirk = True     # quirk: translate-x of maps normalised by the height
+
+    # -- distillation (stages 2/3) ------------------------------------------------------------
+    c.kd = mlc.ConfigDict()
+    c.kd.weight = 1.0
+    c.kd.quirk = True              # quirk: KL against probabilities, not log-probabilities
+    c.kd.rce = False
+
+    # -- adversarial warm-up ------------------------------------------------------------------
+    c.adv = mlc.ConfigDict()
+    c.adv.weight = 0.01
+
+    # -- loop ---------------------------------------------------------------------------------
+    c.train = mlc.ConfigDict()
+    c.train.steps = 90_000
+    c.train.log_every = 50
+    c.train.eval_every = 1000
+    c.train.checkpoint_every = 1000
+    c.train.keep_checkpoints = 3
+    c.train.nonfinite_skip = 0     # non-finite loss: skip up to this many steps in a row, then stop
+    c.train.parallel = "shard_map"  # or 'pmap'
+
+    c.eval = mlc.ConfigDict()
+    c.eval.flip = False
+    c.eval.max_images = 0          # 0: the whole split
+    c.eval.save_predictions = 4    # coloured predictions written for this many images
+    return c
+
+
+class ConfigError(ValueError):
+    """A config names an unknown key, a bad value or a missing path."""
+
+
+def unknown_keys(config: mlc.ConfigDict, schema: mlc.ConfigDict | None = None, prefix: str = "") -> list[str]:
+    """Dotted names of keys in ``config`` that the schema (``base()``) does not define.
+
+    ``data.synthetic`` is free-form (keyword arguments of the synthetic domains).
+    """
+    schema = base() if schema is None else schema
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if name == "data.synthetic":
+            continue
+        if key not in schema:
+            out.append(name)
+        elif isinstance(value, mlc.ConfigDict) and isinstance(schema[key], mlc.ConfigDict):
+            out.extend(unknown_keys(value, schema[key], prefix=f"{name}."))
+    return out
+
+
+def validate(config: mlc.ConfigDict) -> None:
+    """Fail early, naming the key, on anything a run would otherwise trip over later."""
+    bad = unknown_keys(config)
+    if bad:
+        raise ConfigError(f"unknown config key(s): {', '.join(bad)} (see cpsl_jax/defaults.py for the schema)")
+    if config.stage not in STAGES:
+        raise ConfigError(f"config key stage={config.stage!r} is not one of {STAGES}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config key model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
+
+
+def apply_stage(c, stage: str, runs: str) -> None:
+    """The values a pipeline stage changes, artifacts chained under ``runs`` (paper configs)."""
+    art = f"{runs}/artifacts"
+    if stage == "warmup":
+        c.init.checkpoint = "pretrained/resnet101_imagenet.pth"   # torchvision ImageNet weights
+        c.init.backbone_only = True
+        c.optim.base_lr = 1e-4
+        c.optim.lr_mult.head = 10.0
+        c.cpsl.rce = False
+    elif stage in ("soft_labels", "prototypes", "class_distribution"):
+        c.init.checkpoint = f"{runs}/warmup/model.msgpack"
+        c.data.pseudo_labels = f"{art}/soft"
+    elif stage == "stage1":
+        c.init.checkpoint = f"{runs}/warmup/model.msgpack"
+        c.data.pseudo_labels = f"{art}/soft"
+        c.init.prototypes = f"{art}/prototypes.npy"
+        c.init.class_distribution = f"{art}/class_distribution.npy"
+        c.optim.base_lr = 1e-4
+        c.optim.lr_mult.head = 5.0
+        c.optim.lr_mult.prototypes = 5.0
+        c.cpsl.rce = True
+    elif stage == "hard_labels":  # from the stage-1 model, for stage 2
+        c.init.checkpoint = f"{runs}/stage1/best_model.msgpack"
+        c.data.pseudo_labels = f"{art}/hard_stage1"
+    elif stage == "hard_labels_stage2":  # from the stage-2 model, for stage 3
+        c.stage = "hard_labels"
+        c.init.checkpoint = f"{runs}/stage2/best_model.msgpack"
+        c.data.pseudo_labels = f"{art}/hard_stage2"
+        c.model.bn_pretrain = True
+    elif stage in ("stage2", "stage3"):
+        first = stage == "stage2"
+        # Stage 2: SimCLR-v2 ResNet-101 backbone; stage 3 continues from the stage-2 weights.
+        c.init.checkpoint = "pretrained/simclr_r101.pth" if first else f"{runs}/stage2/best_model.msgpack"
+        c.init.backbone_only = first
+        c.init.teacher = f"{runs}/stage1/best_model.msgpack" if first else f"{runs}/stage2/best_model.msgpack"
+        c.data.pseudo_labels = f"{art}/hard_stage1" if first else f"{art}/hard_stage2"
+        c.model.bn_pretrain = True
+        c.optim.base_lr = 6e-4
+        c.optim.lr_mult.head = 10.0
+        c.optim.lr_mult.bn_pretrain = 10.0
+        c.kd.rce = False
+    elif stage == "eval":
+        c.init.checkpoint = f"{runs}/stage3/best_model.msgpack"
+        c.model.bn_pretrain = True
+    elif stage != "demo":
+        raise ConfigError(f"unknown stage {stage!r}; expected one of {STAGES}")
