@@ -1,0 +1,62 @@
+"""Pseudo-label store: round trips, float16 error, the 0.95 threshold, missing entries."""
+
+import numpy as np
+import pytest
+
+from cpsl_jax.data.pseudo_labels import PseudoLabelStore, threshold_hard
+
+
+def softmax(x, axis):
+    e = np.exp(x - x.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def test_soft_round_trip_float16(tmp_path):
+    rng = np.random.default_rng(1)
+    store = PseudoLabelStore(tmp_path / "soft", create=True)
+    probs = {n: softmax(rng.normal(size=(19, 9, 17)) * 3, 0) for n in ("aachen_000000_000019", "b_1")}
+    for n, p in probs.items():
+        store.write_soft(n, p)
+    again = PseudoLabelStore(tmp_path / "soft")
+    assert again.names("soft") == sorted(probs)
+    for n, p in probs.items():
+        got = again.read_soft(n)
+        assert got.dtype == np.float16 and got.shape == (19, 9, 17)
+        assert np.abs(got.astype(np.float64) - p).max() < 1e-3
+
+
+def test_hard_round_trip_and_threshold(tmp_path):
+    rng = np.random.default_rng(2)
+    store = PseudoLabelStore(tmp_path / "hard", create=True)
+    label = rng.integers(0, 19, (12, 20)).astype(np.uint8)
+    conf = rng.uniform(0.9, 1.0, (12, 20))
+    # float16(0.95) = 0.9501953125; the next float16 up is 0.95068...: only that one passes.
+    conf[0, :4] = [0.95, 0.9501, 0.9507, 0.9498]
+    store.write_hard("x", label, conf)
+    got, got_conf = store.read_hard("x")
+    assert got.dtype == np.uint8 and got_conf.dtype == np.float16
+    # Independent rule: the reference compares its float16 array with a Python 0.95.
+    c16 = conf.astype(np.float16)
+    expected = label.copy()
+    for idx, c in np.ndenumerate(c16):
+        if float(c) <= float(np.float16(0.95)):
+            expected[idx] = 255
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(got_conf, c16)
+    assert list(got[0, :4]) == [255, 255, label[0, 2], 255]
+    np.testing.assert_array_equal(store.read_hard("x", threshold=None)[0], label)
+    np.testing.assert_array_equal(threshold_hard(label, conf, 0.0), label)
+
+
+def test_missing_entries_name_image_and_store(tmp_path):
+    store = PseudoLabelStore(tmp_path / "s", create=True)
+    store.write_hard("present", np.zeros((2, 3), np.uint8), np.ones((2, 3)))
+    with pytest.raises(FileNotFoundError, match=r"'absent'.*" + str(tmp_path / "s")):
+        store.read_soft("absent")
+    with pytest.raises(FileNotFoundError, match=r"'absent'"):
+        store.read_hard("absent")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        PseudoLabelStore(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="must both be"):
+        store.write_hard("bad", np.zeros((2, 3), np.uint8), np.ones((3, 2)))
+    assert store.names("hard") == ["present"]
