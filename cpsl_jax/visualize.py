@@ -13,37 +13,10 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-CITYSCAPES_CLASSES = (
-    'road', 'sidewalk', 'building', 'wall', 'fence', 'pole', 'traffic light', 'traffic sign',
-    'vegetation', 'terrain', 'sky', 'person', 'rider', 'car', 'truck', 'bus', 'train',
-    'motorcycle', 'bicycle')
-CITYSCAPES_PALETTE = np.array([
-    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153),
-    (153, 153, 153), (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152),
-    (70, 130, 180), (220, 20, 60), (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100),
-    (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
-
-# 19-class indices kept by the 16-class set (no terrain, truck, train) and by the 13-class set
-# (also no wall, fence, pole).
-KEEP_16 = tuple(i for i in range(19) if i not in (9, 14, 16))
-KEEP_13 = tuple(i for i in KEEP_16 if i not in (3, 4, 5))
-
-
-def class_names(num_classes: int) -> tuple[str, ...]:
-    """Class names of the 19-, 16- or 13-class label set."""
-    return tuple(CITYSCAPES_CLASSES[i] for i in _kept(num_classes))
-
-
-def palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours of the 19-, 16- or 13-class label set."""
-    return CITYSCAPES_PALETTE[list(_kept(num_classes))]
-
-
-def _kept(num_classes: int) -> Sequence[int]:
-    kept = {19: tuple(range(19)), 16: KEEP_16, 13: KEEP_13}
-    if num_classes not in kept:
-        raise ValueError(f'visualize: no palette for {num_classes} classes (19, 16 or 13)')
-    return kept[num_classes]
+# Names and colours are data of the label spaces, kept once in ``cpsl_jax.data.layouts``.
+from cpsl_jax.data.layouts import CLASS_NAMES_19 as CITYSCAPES_CLASSES
+from cpsl_jax.data.layouts import PALETTE_19 as CITYSCAPES_PALETTE
+from cpsl_jax.data.layouts import class_names, palette  # noqa: F401  (re-exported)
 
 
 def colorize(labels, colors: Optional[np.ndarray] = None) -> np.ndarray:

@@ -17,6 +17,10 @@ def test_colorize_maps_each_class_and_ignore_to_black():
         want = (0, 0, 0) if labels[idx] == 255 else visualize.CITYSCAPES_PALETTE[labels[idx]]
         np.testing.assert_array_equal(rgb[idx], want)
     assert len({tuple(c) for c in visualize.CITYSCAPES_PALETTE}) == 19  # colours distinct
+    # A few official Cityscapes colours, written out independently.
+    official = {'road': (128, 64, 128), 'sky': (70, 130, 180), 'car': (0, 0, 142), 'bicycle': (119, 11, 32)}
+    for name, rgb_want in official.items():
+        assert tuple(visualize.CITYSCAPES_PALETTE[visualize.CITYSCAPES_CLASSES.index(name)]) == rgb_want
     # Road is Cityscapes' purple.
     np.testing.assert_array_equal(visualize.colorize(np.zeros((1, 1), np.int32))[0, 0],
                                   (128, 64, 128))

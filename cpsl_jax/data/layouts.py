@@ -64,7 +64,7 @@ PALETTE_19 = np.array(
     [
         [128, 64, 128], [244, 35, 232], [70, 70, 70], [102, 102, 156], [190, 153, 153],
         [153, 153, 153], [250, 170, 30], [220, 220, 0], [107, 142, 35], [152, 251, 152],
-        [0, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70],
+        [70, 130, 180], [220, 20, 60], [255, 0, 0], [0, 0, 142], [0, 0, 70],
         [0, 60, 100], [0, 80, 100], [0, 0, 230], [119, 11, 32],
     ],
     dtype=np.uint8,
@@ -122,13 +122,6 @@ def label_lut(dataset: str, num_classes: int) -> np.ndarray:
     ids = kept_ids(dataset, num_classes)
     lut[list(ids)] = np.arange(len(ids), dtype=np.uint8)
     return lut
-
-
-def colorize(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """(H, W) train ids -> (H, W, 3) uint8 RGB; ignore (and anything >= C) is black."""
-    table = np.zeros((256, 3), np.uint8)
-    table[:num_classes] = palette(num_classes)
-    return table[np.asarray(label, np.uint8)]
 
 
 # ----------------------------------------------------------------------------- listings
