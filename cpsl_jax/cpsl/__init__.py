@@ -1,4 +1,4 @@
-"""The CPSL method as pure, vectorised JAX functions (no project imports).
+"""The CPSL method as pure, vectorised JAX functions (project imports: ``cpsl_jax.ops`` only).
 
 Every function works on one device's arrays; the ones with ``axis_name`` follow the
 project's loss convention (a *share* = local numerator / psum of the global normaliser) or,

@@ -1,4 +1,4 @@
-"""Small array helpers shared by the modules of ``cpsl_jax.cpsl`` (no project imports)."""
+"""Small collective helpers shared by the modules of ``cpsl_jax.cpsl``."""
 
 from __future__ import annotations
 
@@ -6,16 +6,6 @@ from typing import Optional
 
 import jax.numpy as jnp
 from jax import lax
-
-
-def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
-    """``F.normalize(x, dim=axis)``: ``x / max(||x||_2, eps)``.
-
-    Kept here (same arithmetic as ``cpsl_jax.ops.l2_normalize``) because this package
-    imports nothing from the rest of the project.
-    """
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
 
 
 def psum_if(x, axis_name: Optional[str]):
@@ -68,4 +58,4 @@ def global_count(x: jnp.ndarray, axis_name: Optional[str]) -> jnp.ndarray:
     return psum_if(jnp.sum(x.astype(jnp.float32)), axis_name)
 
 
-__all__ = ["l2_normalize", "psum_if", "logsumexp", "own_rows", "gather_rows", "global_count"]
+__all__ = ["psum_if", "logsumexp", "own_rows", "gather_rows", "global_count"]

@@ -18,6 +18,8 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 
+from cpsl_jax.ops import legacy_nearest_indices
+
 
 def box_from_uniforms(
     u_aspect: jnp.ndarray, u_y: jnp.ndarray, u_x: jnp.ndarray, hw: Sequence[int], area: float = 0.5
@@ -44,12 +46,6 @@ def sample_cutmix(
     return apply, box_from_uniforms(jax.random.uniform(k_aspect), u_y, u_x, hw, area)
 
 
-def _nearest_coords(full: int, out: int) -> jnp.ndarray:
-    # PyTorch legacy nearest: floor(i * full / out) with the scale in float32.
-    scale = jnp.float32(full / out)
-    return jnp.minimum(jnp.floor(jnp.arange(out, dtype=jnp.float32) * scale).astype(jnp.int32), full - 1)
-
-
 def box_mask(box: jnp.ndarray, out_hw: Sequence[int], full_hw: Optional[Sequence[int]] = None) -> jnp.ndarray:
     """(h, w) bool mask of ``box`` (given at ``full_hw``) sampled at ``out_hw`` by legacy nearest.
 
@@ -57,7 +53,7 @@ def box_mask(box: jnp.ndarray, out_hw: Sequence[int], full_hw: Optional[Sequence
     """
     h, w = int(out_hw[0]), int(out_hw[1])
     full_h, full_w = (h, w) if full_hw is None else (int(full_hw[0]), int(full_hw[1]))
-    ys, xs = _nearest_coords(full_h, h), _nearest_coords(full_w, w)
+    ys, xs = legacy_nearest_indices(full_h, h), legacy_nearest_indices(full_w, w)
     in_y = (ys >= box[0]) & (ys < box[2])
     in_x = (xs >= box[1]) & (xs < box[3])
     return in_y[:, None] & in_x[None, :]
@@ -81,7 +77,7 @@ def mix_labels(
     """
     full_hw = source_labels_full.shape[1:3]
     out_hw = target_labels.shape[1:3]
-    ys, xs = _nearest_coords(full_hw[0], out_hw[0]), _nearest_coords(full_hw[1], out_hw[1])
+    ys, xs = legacy_nearest_indices(full_hw[0], out_hw[0]), legacy_nearest_indices(full_hw[1], out_hw[1])
     source_low = source_labels_full[:, ys][:, :, xs].astype(target_labels.dtype)
     mask = box_mask(box, out_hw, full_hw) & apply
     return jnp.where(mask[None], source_low, target_labels)

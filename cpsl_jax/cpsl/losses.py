@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpsl_jax.cpsl._util import global_count, l2_normalize, psum_if
+from cpsl_jax.ops import l2_normalize
+from cpsl_jax.cpsl._util import global_count, psum_if
 
 IGNORE_INDEX = 255
 

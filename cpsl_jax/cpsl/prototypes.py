@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from cpsl_jax.cpsl._util import gather_rows, l2_normalize
+from cpsl_jax.ops import l2_normalize
+from cpsl_jax.cpsl._util import gather_rows
 
 
 @struct.dataclass

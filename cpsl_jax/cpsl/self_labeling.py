@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from cpsl_jax.cpsl._util import gather_rows, l2_normalize, own_rows
+from cpsl_jax.ops import l2_normalize
+from cpsl_jax.cpsl._util import gather_rows, own_rows
 from cpsl_jax.cpsl.queues import Queue, in_use, push
 from cpsl_jax.cpsl.sinkhorn import sinkhorn
 
