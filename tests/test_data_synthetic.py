@@ -1,0 +1,256 @@
+"""Tests of the synthetic domain-shift benchmark (cpsl_jax.data.synthetic)."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cpsl_jax.data import synthetic
+from cpsl_jax.data.synthetic import SyntheticDataset, write_layout
+
+# Written out independently of the module: Cityscapes label id -> train id (19 classes),
+# as in cityscapesScripts' labels.py; every other id is ignored.
+CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9,
+                          23: 10, 24: 11, 25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+ID_TO_TRAIN_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23: 9, 24: 10,
+                  25: 11, 26: 12, 28: 13, 32: 14, 33: 15}
+ROAD, BUILDING, VEGETATION, SKY = 0, 2, 8, 10
+PERSON, RIDER, CAR, TRAIN, MOTORCYCLE, BICYCLE = 11, 12, 13, 16, 17, 18
+
+
+def _ids_to_train(ids, table):
+    out = np.full(ids.shape, 255, np.uint8)
+    for label_id, train_id in table.items():
+        out[ids == label_id] = train_id
+    return out
+
+
+@pytest.fixture(scope='module')
+def samples():
+    """80 full-size items of each domain: labels and images (about 1 s)."""
+    out = {}
+    for domain in ('source', 'target'):
+        ds = SyntheticDataset(domain, 'train', seed=1)
+        items = [ds[i] for i in range(80)]
+        out[domain] = (np.stack([it['image'] for it in items]),
+                       np.stack([it['label'] for it in items]))
+    return out
+
+
+@pytest.mark.parametrize('domain', ['source', 'target'])
+def test_deterministic_and_seed_dependent(domain):
+    a = SyntheticDataset(domain, 'train', seed=3, size=(64, 128))[5]
+    b = SyntheticDataset(domain, 'train', seed=3, size=(64, 128))[5]
+    c = SyntheticDataset(domain, 'train', seed=4, size=(64, 128))[5]
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+    assert a['name'] == b['name']
+    assert not np.array_equal(a['image'], c['image'])
+    assert not np.array_equal(a['label'], c['label'])
+
+
+def test_splits_and_domains_differ():
+    kw = dict(seed=0, size=(64, 128))
+    train = SyntheticDataset('target', 'train', **kw)[0]['label']
+    val = SyntheticDataset('target', 'val', **kw)[0]['label']
+    src = SyntheticDataset('source', 'train', **kw)[0]['label']
+    assert not np.array_equal(train, val)
+    assert not np.array_equal(train, src)
+
+
+def test_item_independent_of_access_order():
+    ds = SyntheticDataset('target', 'val', seed=2, size=(64, 128))
+    alone = SyntheticDataset('target', 'val', seed=2, size=(64, 128))[7]
+    for i in (9, 0, 3, 8, 6):  # generate other items first, out of order
+        ds[i]
+    again = ds[7]
+    np.testing.assert_array_equal(alone['image'], again['image'])
+    np.testing.assert_array_equal(alone['label'], again['label'])
+    np.testing.assert_array_equal(ds[-1]['label'], ds[len(ds) - 1]['label'])
+
+
+@pytest.mark.parametrize('domain,split,length', [('source', 'train', 400),
+                                                 ('target', 'train', 200),
+                                                 ('target', 'val', 50)])
+def test_shapes_dtypes_lengths(domain, split, length):
+    ds = SyntheticDataset(domain, split)
+    assert len(ds) == length
+    item = ds[0]
+    assert item['image'].shape == (128, 256, 3) and item['image'].dtype == np.uint8
+    assert item['label'].shape == (128, 256) and item['label'].dtype == np.uint8
+    assert isinstance(item['name'], str) and item['name']
+    assert set(np.unique(item['label'])) <= set(range(19)) | {255}
+    small = SyntheticDataset(domain, split, size=(40, 72), length=3)
+    assert len(small) == 3
+    assert small[2]['image'].shape == (40, 72, 3) and small[2]['label'].shape == (40, 72)
+    with pytest.raises(IndexError):
+        small[3]
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match='domain'):
+        SyntheticDataset('gta', 'train')
+    with pytest.raises(ValueError, match='split'):
+        SyntheticDataset('source', 'test')
+    with pytest.raises(ValueError, match='num_classes'):
+        SyntheticDataset('source', 'train', num_classes=7)
+    with pytest.raises(ValueError, match='layout'):
+        write_layout(SyntheticDataset('source', 'train', length=1, size=(32, 64)), '/nonexistent',
+                     'synthia')
+
+
+def test_all_classes_long_tailed(samples):
+    for domain in ('source', 'target'):
+        labels = samples[domain][1]
+        freq = np.bincount(labels.ravel(), minlength=256)[:19] / labels.size
+        frequent = freq[[ROAD, BUILDING, VEGETATION, SKY]]
+        rare = freq[[TRAIN, MOTORCYCLE, RIDER, BICYCLE]]
+        assert frequent.min() > 4 * rare.max(), (domain, freq)
+        assert frequent.min() > 0.03
+    both = np.concatenate([samples['source'][1], samples['target'][1]])
+    present = np.bincount(both.ravel(), minlength=256)[:19] > 0
+    assert present.all(), np.flatnonzero(~present)
+
+
+def test_class_frequencies_shift(samples):
+    """The target has more vegetation and people and fewer cars than the source."""
+    f = {d: np.bincount(samples[d][1].ravel(), minlength=256)[:19] / samples[d][1].size
+         for d in samples}
+    assert f['target'][VEGETATION] > 1.3 * f['source'][VEGETATION]
+    assert f['target'][PERSON] > 1.2 * f['source'][PERSON]
+    assert f['target'][CAR] < 0.85 * f['source'][CAR]
+
+
+def test_ignore_is_a_thin_bottom_strip(samples):
+    for domain in ('source', 'target'):
+        labels = samples[domain][1]
+        rows = np.nonzero(labels == 255)[1]
+        assert (labels == 255).mean() < 0.08
+        if rows.size:
+            assert rows.min() >= int(0.85 * labels.shape[1])
+
+
+def test_source_labels_follow_drawn_edges(samples):
+    """Source is flat-shaded: a label change between neighbours is a colour change."""
+    image, label = samples['source']
+    for axis in (1, 2):
+        lab_edge = np.diff(label.astype(np.int16), axis=axis) != 0
+        col_edge = np.abs(np.diff(image.astype(np.int16), axis=axis)).sum(-1) > 0
+        assert lab_edge.sum() > 1000
+        assert (col_edge[lab_edge]).mean() > 0.99
+
+
+def _class_stats(image, label):
+    img = image.reshape(-1, 3).astype(np.float64)
+    lab = label.ravel()
+    means = np.full((19, 3), np.nan)
+    for c in range(19):
+        sel = img[lab == c]
+        if len(sel) >= 200:  # classes seen too little have no reliable mean
+            means[c] = sel.mean(0)
+    return means
+
+
+def test_colour_statistics_differ_per_class(samples):
+    ms = _class_stats(*samples['source'])
+    mt = _class_stats(*samples['target'])
+    ok = ~np.isnan(ms[:, 0]) & ~np.isnan(mt[:, 0])
+    assert ok.sum() >= 15
+    diff = np.abs(ms[ok] - mt[ok]).mean(1)
+    assert np.median(diff) > 15, diff
+    assert (diff > 5).mean() >= 0.8, diff
+    # Not just a global colour transform: the best affine RGB map from source class
+    # means to target class means leaves large per-class residuals.
+    a = np.c_[ms[ok], np.ones(ok.sum())]
+    coef, *_ = np.linalg.lstsq(a, mt[ok], rcond=None)
+    resid = np.abs(a @ coef - mt[ok]).mean(1)
+    assert resid.max() > 8 and resid.mean() > 4, resid
+
+
+def test_target_has_texture_and_noise(samples):
+    """Within-region pixel variation: the source is flat, the target is textured/noisy."""
+    def neighbour_diffs(image, label):
+        same = label[:, :, 1:] == label[:, :, :-1]
+        d = np.abs(np.diff(image.astype(np.int16), axis=2)).sum(-1)
+        return d[same]
+    src, tgt = neighbour_diffs(*samples['source']), neighbour_diffs(*samples['target'])
+    assert (src == 0).mean() > 0.9       # flat shading: equal neighbours inside regions
+    assert (tgt == 0).mean() < 0.2
+    assert np.median(tgt) >= 4
+
+
+@pytest.mark.parametrize('layout', ['cityscapes', 'gta5'])
+def test_write_layout_round_trip(tmp_path, layout):
+    ds = SyntheticDataset('target', 'val', seed=5, size=(32, 64), length=3)
+    pairs = write_layout(ds, str(tmp_path), layout)
+    assert len(pairs) == 3
+    for i, (img_path, lab_path) in enumerate(pairs):
+        if layout == 'cityscapes':
+            city = 'synthetic'
+            assert img_path == os.path.join(
+                tmp_path, 'leftImg8bit', 'val', city, f'{city}_000000_{i:06d}_leftImg8bit.png')
+            assert lab_path == os.path.join(
+                tmp_path, 'gtFine', 'val', city, f'{city}_000000_{i:06d}_gtFine_labelIds.png')
+        else:
+            assert img_path == os.path.join(tmp_path, 'images', f'{i + 1:05d}.png')
+            assert lab_path == os.path.join(tmp_path, 'labels', f'{i + 1:05d}.png')
+        item = ds[i]
+        with Image.open(img_path) as im:
+            assert im.mode == 'RGB'
+            np.testing.assert_array_equal(np.asarray(im), item['image'])
+        with Image.open(lab_path) as im:
+            assert im.mode == 'L'
+            ids = np.asarray(im)
+        assert set(np.unique(ids)) <= set(CITYSCAPES_ID_TO_TRAIN) | {0}
+        np.testing.assert_array_equal(_ids_to_train(ids, CITYSCAPES_ID_TO_TRAIN), item['label'])
+        assert ((ids == 0) == (item['label'] == 255)).all()
+
+
+@pytest.mark.parametrize('num_classes,table', [(16, ID_TO_TRAIN_16), (19, CITYSCAPES_ID_TO_TRAIN)])
+def test_class_protocols(tmp_path, num_classes, table):
+    ds = SyntheticDataset('target', 'train', num_classes=num_classes, seed=0, size=(64, 128),
+                          length=12)
+    labels = np.stack([ds[i]['label'] for i in range(len(ds))])
+    assert set(np.unique(labels)) <= set(range(num_classes)) | {255}
+    assert len(np.unique(labels)) >= 12
+    # Classes the protocol drops are not drawn (not painted as ignore either).
+    assert (labels == 255).mean() < 0.08
+    pairs = write_layout(ds, str(tmp_path), 'cityscapes')
+    for i in (0, 11):
+        with Image.open(pairs[i][1]) as im:
+            ids = np.asarray(im)
+        assert set(np.unique(ids)) <= set(table) | {0}
+        np.testing.assert_array_equal(_ids_to_train(ids, table), labels[i])
+
+
+@pytest.mark.parametrize('layout', ['cityscapes', 'gta5'])
+def test_written_layout_is_listed_by_the_readers(tmp_path, layout):
+    """The project's own listing and label table find and decode what was written."""
+    from cpsl_jax.data import layouts
+    ds = SyntheticDataset('source', 'train', seed=9, size=(32, 64), length=2)
+    write_layout(ds, str(tmp_path), layout, split='train')
+    pairs = layouts.list_pairs(layout, str(tmp_path), 'train')
+    assert len(pairs) == 2
+    lut = layouts.label_lut(layout, 19)
+    for i, pair in enumerate(pairs):
+        with Image.open(pair.label) as im:
+            np.testing.assert_array_equal(lut[np.asarray(im)], ds[i]['label'])
+
+
+def test_cli_writes_layouts(tmp_path):
+    synthetic.main(['--out', str(tmp_path / 'cs'), '--layout', 'cityscapes', '--domain',
+                    'target', '--num', '2', '--size', '32', '64', '--seed', '7'])
+    synthetic.main(['--out', str(tmp_path / 'gta'), '--layout', 'gta5', '--domain', 'source',
+                    '--num', '2', '--size', '32', '64'])
+    for split in ('train', 'val'):
+        names = sorted(os.listdir(tmp_path / 'cs' / 'gtFine' / split / 'synthetic'))
+        assert names == [f'synthetic_000000_{i:06d}_gtFine_labelIds.png' for i in range(2)]
+    assert sorted(os.listdir(tmp_path / 'gta' / 'images')) == ['00001.png', '00002.png']
+    expected = SyntheticDataset('target', 'val', seed=7, size=(32, 64), length=2)[1]
+    with Image.open(tmp_path / 'cs' / 'leftImg8bit' / 'val' / 'synthetic'
+                    / 'synthetic_000000_000001_leftImg8bit.png') as im:
+        np.testing.assert_array_equal(np.asarray(im), expected['image'])
+    with pytest.raises(SystemExit):
+        synthetic.main(['--out', str(tmp_path / 'x'), '--layout', 'gta5', '--domain', 'source',
+                        '--splits', 'train', 'val'])
