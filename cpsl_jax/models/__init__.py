@@ -1,0 +1,31 @@
+"""Segmentation networks of CPSL (Flax Linen) and their parameter-group labels.
+
+The PyTorch reference network lives in :mod:`cpsl_jax.models.torch_reference` and is not
+imported here (torch is an optional dependency).
+"""
+
+from cpsl_jax.models.deeplab import (
+    STAGE_SIZES,
+    ASPPHead,
+    Bottleneck,
+    DeepLabV2,
+    backbone_multiplicity,
+    output_size,
+    param_labels,
+)
+from cpsl_jax.models.discriminator import Discriminator
+from cpsl_jax.models.layers import conv2d
+from cpsl_jax.models.norm import BatchNorm
+
+__all__ = [
+    "STAGE_SIZES",
+    "ASPPHead",
+    "BatchNorm",
+    "Bottleneck",
+    "DeepLabV2",
+    "Discriminator",
+    "backbone_multiplicity",
+    "conv2d",
+    "output_size",
+    "param_labels",
+]
