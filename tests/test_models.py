@@ -208,3 +208,21 @@ def test_param_labels_and_multiplicity_match_reference_generators():
     labels = traverse_util.flatten_dict(param_labels(params))
     assert {convert.torch_key(p): m for p, m in mult.items()} == by_name
     assert {convert.torch_key(p): s for p, s in labels.items()} == labels_by_name
+
+
+def test_space_to_batch_dilated_convolutions_give_the_same_network():
+    """The model's 'space_to_batch' dilated convolutions equal the native ones, outputs and gradients."""
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.uniform(0, 1, (2, 37, 45, 3)), jnp.float32)
+    kw = dict(num_classes=5, depth=14, width=8, head_width=32)
+    native = DeepLabV2(**kw)
+    s2b = DeepLabV2(**kw, dilated_impl="space_to_batch")
+    variables = native.init(jax.random.PRNGKey(int(rng.integers(1 << 30))), x, train=False)
+    a = native.apply(variables, x, train=False)
+    b = s2b.apply(variables, x, train=False)
+    for k in ("logits", "features"):
+        np.testing.assert_allclose(np.asarray(b[k]), np.asarray(a[k]), rtol=1e-4, atol=1e-5)
+    grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply({**variables, "params": p}, x, train=False)["logits"] ** 2))(
+        variables["params"])
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-3, atol=1e-5),
+                 grad(s2b), grad(native))

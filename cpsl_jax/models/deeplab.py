@@ -54,11 +54,13 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
+    dilated_impl: str = "native"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         bn = lambda name: BatchNorm(axis_name=self.axis_name, dtype=self.dtype, name=name)  # noqa: E731
-        conv = lambda feat, k, name, **kw: Conv2d(feat, k, dtype=self.dtype, name=name, **kw)  # noqa: E731
+        conv = lambda feat, k, name, **kw: Conv2d(feat, k, dtype=self.dtype, dilated_impl=self.dilated_impl,  # noqa: E731
+                                                  name=name, **kw)
         out = nn.relu(bn("bn1")(conv(self.planes, 1, "conv1", stride=self.stride)(x), train))
         out = conv(self.planes, 3, "conv2", padding=self.dilation, dilation=self.dilation)(out)
         out = nn.relu(bn("bn2")(out, train))
@@ -100,6 +102,7 @@ class ASPPHead(nn.Module):
     width: int = 256
     dropout_rate: float = 0.1
     dtype: Any = jnp.float32
+    dilated_impl: str = "native"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -107,7 +110,8 @@ class ASPPHead(nn.Module):
         branches = []
         for i, d in enumerate((0,) + ASPP_DILATIONS):
             k = 1 if d == 0 else 3
-            y = Conv2d(self.width, k, padding=d, dilation=max(d, 1), use_bias=True, dtype=self.dtype, name=f"conv2d_list_{i}_0")(x)
+            y = Conv2d(self.width, k, padding=d, dilation=max(d, 1), use_bias=True, dtype=self.dtype,
+                       dilated_impl=self.dilated_impl, name=f"conv2d_list_{i}_0")(x)
             branches.append(nn.relu(gn(f"conv2d_list_{i}_1")(y)))
         y = jnp.concatenate(branches, axis=-1)
         y = SqueezeExcitation(dtype=self.dtype, name="bottleneck_0")(y)
@@ -132,6 +136,8 @@ class DeepLabV2(nn.Module):
       axis_name: axis to synchronise BatchNorm over in train mode (None: local statistics).
       remat: rematerialise each bottleneck block in the backward pass.
       dropout_rate: channel dropout before the classifier (0.1).
+      dilated_impl: 'native' dilated convolutions, or 'space_to_batch' (same result; faster
+        where XLA lowers dilated convolutions as padded ones, e.g. on GPUs).
 
     ``__call__(images, train)``: ``images`` (N, H, W, 3) float32 RGB in [0, 1]; returns
     ``{'logits': (N, h, w, C), 'features': (N, h, w, head_width)}`` in float32 at
@@ -147,6 +153,7 @@ class DeepLabV2(nn.Module):
     axis_name: str | None = None
     remat: bool = False
     dropout_rate: float = 0.1
+    dilated_impl: str = "native"
 
     @nn.compact
     def __call__(self, images: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
@@ -168,11 +175,13 @@ class DeepLabV2(nn.Module):
                     downsample=i == 0,
                     axis_name=self.axis_name,
                     dtype=self.dtype,
+                    dilated_impl=self.dilated_impl,
                     name=f"layer{layer}_{i}",
                 )(x, train)
         if self.bn_pretrain:
             x = bn("bn_pretrain")(x, train)
-        logits, features = ASPPHead(self.num_classes, self.head_width, self.dropout_rate, dtype=self.dtype, name="layer5")(x, train)
+        logits, features = ASPPHead(self.num_classes, self.head_width, self.dropout_rate, dtype=self.dtype,
+                                    dilated_impl=self.dilated_impl, name="layer5")(x, train)
         return {"logits": logits.astype(jnp.float32), "features": features.astype(jnp.float32)}
 
 

@@ -15,11 +15,27 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from cpsl_jax.ops import conv_dilated_space_to_batch
+
 Initializer = Callable[..., jnp.ndarray]
 
 
-def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int = 1, padding: int = 0, dilation: int = 1) -> jnp.ndarray:
-    """``F.conv2d`` on NHWC ``x`` with an HWIO ``kernel``, symmetric zero padding and dilation."""
+DILATED_IMPLS = ("native", "space_to_batch")
+
+
+def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int = 1, padding: int = 0, dilation: int = 1,
+           dilated_impl: str = "native") -> jnp.ndarray:
+    """``F.conv2d`` on NHWC ``x`` with an HWIO ``kernel``, symmetric zero padding and dilation.
+
+    ``dilated_impl='space_to_batch'`` computes a stride-1 'same' dilated convolution as a plain
+    one over the input's ``dilation x dilation`` phases (``cpsl_jax.ops``): the same result,
+    and far faster where XLA lowers dilated convolutions as padded ones (GPUs).
+    """
+    if dilated_impl not in DILATED_IMPLS:
+        raise ValueError(f"dilated_impl={dilated_impl!r} is not one of {DILATED_IMPLS}")
+    k = kernel.shape[0]
+    if dilated_impl == "space_to_batch" and dilation > 1 and stride == 1 and padding == dilation * (k - 1) // 2:
+        return conv_dilated_space_to_batch(x, kernel, dilation)
     return lax.conv_general_dilated(
         x,
         kernel,
@@ -57,6 +73,7 @@ class Conv2d(nn.Module):
       kernel_init: ``None`` = N(0, 0.01) (the segmenter); ``'torch'`` = PyTorch default.
       bias_init: ``'torch'`` (PyTorch default uniform) or ``'zeros'``.
       dtype: compute dtype; parameters stay float32.
+      dilated_impl: how a dilated convolution is computed (see :func:`conv2d`).
     """
 
     features: int
@@ -68,6 +85,7 @@ class Conv2d(nn.Module):
     kernel_init: str | None = None
     bias_init: str = "torch"
     dtype: Any = jnp.float32
+    dilated_impl: str = "native"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -75,7 +93,8 @@ class Conv2d(nn.Module):
         fan_in = cin * k * k
         k_init = torch_uniform(fan_in) if self.kernel_init == "torch" else conv_normal_init
         kernel = self.param("kernel", k_init, (k, k, cin, self.features), jnp.float32)
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=self.padding, dilation=self.dilation)
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), stride=self.stride, padding=self.padding,
+                   dilation=self.dilation, dilated_impl=self.dilated_impl)
         if self.use_bias:
             b_init = torch_uniform(fan_in) if self.bias_init == "torch" else nn.initializers.zeros
             bias = self.param("bias", b_init, (self.features,), jnp.float32)
