@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-STAGES = ("warmup", "stage1", "stage2", "stage3", "eval", "soft_labels", "hard_labels", "prototypes",
+STAGES = ("warmup", "stage1", "stage2", "stage3", "eval", "lab_stats", "soft_labels", "hard_labels", "prototypes",
           "class_distribution", "demo")
 
 
@@ -30,6 +30,7 @@ def base() -> mlc.ConfigDict:
     c.model.dtype = "float32"      # compute dtype: 'float32' or 'bfloat16' (params and norms stay float32)
     c.model.remat = False          # rematerialise each bottleneck block in the backward pass
     c.model.dropout_rate = 0.1
+    c.model.dilated_impl = "native"  # or 'space_to_batch': same result, faster on GPUs (see benchmarks/)
 
     # -- initialisation -----------------------------------------------------------------------
     c.init = mlc.ConfigDict()
@@ -57,6 +58,9 @@ def base() -> mlc.ConfigDict:
     c.data.pseudo_labels = ""      # pseudo-label store directory (soft for stage 1, hard for 2/3)
     c.data.lab_stats = ""          # precomputed target Lab means/stds (.npy, N x 2 x 3)
     c.data.confidence_threshold = 0.95
+    # The built-in synthetic domains ('synthetic-source' / 'synthetic-target'): seed, image size
+    # (H, W), and the number of images per split (0: the module's defaults).
+    c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0})
 
     # -- optimisation -------------------------------------------------------------------------
     c.optim = mlc.ConfigDict()
@@ -130,14 +134,11 @@ class ConfigError(ValueError):
 def unknown_keys(config: mlc.ConfigDict, schema: mlc.ConfigDict | None = None, prefix: str = "") -> list[str]:
     """Dotted names of keys in ``config`` that the schema (``base()``) does not define.
 
-    ``data.synthetic`` is free-form (keyword arguments of the synthetic domains).
     """
     schema = base() if schema is None else schema
     out = []
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if name == "data.synthetic":
-            continue
         if key not in schema:
             out.append(name)
         elif isinstance(value, mlc.ConfigDict) and isinstance(schema[key], mlc.ConfigDict):
@@ -168,6 +169,10 @@ def apply_stage(c, stage: str, runs: str) -> None:
     elif stage in ("soft_labels", "prototypes", "class_distribution"):
         c.init.checkpoint = f"{runs}/warmup/model.msgpack"
         c.data.pseudo_labels = f"{art}/soft"
+        c.init.prototypes = f"{art}/prototypes.npy"          # written by 'prototypes'
+        c.init.class_distribution = f"{art}/class_distribution.npy"  # written by 'class_distribution'
+    elif stage == "lab_stats":
+        pass  # writes data.lab_stats
     elif stage == "stage1":
         c.init.checkpoint = f"{runs}/warmup/model.msgpack"
         c.data.pseudo_labels = f"{art}/soft"

@@ -93,3 +93,8 @@ def data_parallel(
         donate_argnums=donate,
         out_shardings=(replicated(mesh), replicated(mesh)),
     )
+
+
+def sharded_eval(fn: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, Any], Any]:
+    """Compile a per-device ``fn(replicated, batch) -> replicated`` (e.g. a psum'd confusion matrix)."""
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=False))

@@ -1,0 +1,174 @@
+"""The stage steps: they run and learn, and 4 devices, 1 device, shard_map and pmap agree."""
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from cpsl_jax import models
+from cpsl_jax.train import parallel, steps
+from cpsl_jax.train import state as state_lib
+from cpsl_jax.train.io import init_discriminator, init_variables
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(stage, **overrides):
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(stage)
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        config[section][name] = value
+    return config
+
+
+def make_batch(config, rng, batch=4, noise=16):
+    """Images of random 8x8 blocks plus noise at base size whose label is a function of the block
+    colour (so it can be learnt), with soft and hard pseudo labels; image i has an ignored
+    fraction of i/4 so the devices see different valid counts. (The noise avoids exact ties in
+    max-pool windows, whose gradient routing would otherwise depend on rounding.)"""
+    h, w = config.data.synthetic.size
+    c = config.model.num_classes
+
+    def image():
+        blocks = np.repeat(np.repeat(rng.integers(16, 240, (batch, h // 8, w // 8, 3)), 8, 1), 8, 2)
+        return blocks, np.clip(blocks + rng.integers(-noise, noise + 1, blocks.shape), 0, 255).astype(np.uint8)
+
+    (source_blocks, source), (target_blocks, target) = image(), image()
+    # Four classes of the 19, told apart by the red and green halves of the block colour.
+    to_label = lambda blocks: ((blocks[..., 0] >= 128) + 2 * (blocks[..., 1] >= 128)).astype(np.uint8)  # noqa: E731
+    labels = to_label(source_blocks)
+    for i in range(batch):
+        labels[i, : h * i // 4] = 255
+    soft = rng.random((batch, c, 9, 17)).astype(np.float32) + 0.05
+    soft /= soft.sum(1, keepdims=True)
+    pseudo = to_label(target_blocks)
+    pseudo[:, -h // 4:] = 255
+    return {"source": {"image": source, "label": labels},
+            "target": {"image": target, "soft_label": soft.astype(np.float16), "pseudo_label": pseudo}}
+
+
+def build(config, seed=0):
+    """(per-device step function, initial host state) for ``config.stage``."""
+    tx = state_lib.make_optimizer(config)
+    variables = init_variables(config, jax.random.PRNGKey(seed))
+    model = state_lib.build_model(config)
+    rng = np.random.default_rng(seed)
+    stage = config.stage
+    if stage == "warmup":
+        disc_tx = state_lib.make_discriminator_optimizer(config)
+        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(seed),
+                                       discriminator=init_discriminator(config, jax.random.PRNGKey(seed + 1)),
+                                       disc_tx=disc_tx)
+        fn = functools.partial(steps.warmup_step, model=model, discriminator=models.Discriminator(), tx=tx,
+                               disc_tx=disc_tx, config=config)
+    elif stage == "stage1":
+        prototypes = rng.standard_normal((config.model.num_classes, config.model.head_width)).astype(np.float32)
+        prior = rng.random(config.model.num_classes).astype(np.float32)
+        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(seed), prototypes=prototypes,
+                                       class_prior=prior / prior.sum())
+        fn = functools.partial(steps.stage1_step, model=model, tx=tx, config=config)
+    else:
+        teacher = init_variables(config, jax.random.PRNGKey(seed + 7))
+        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(seed), teacher=teacher)
+        fn = functools.partial(steps.distill_step, model=model, teacher_model=state_lib.build_model(config, axis_name=None),
+                               tx=tx, config=config)
+    return fn, state
+
+
+def run(config, batches, devices, backend="shard_map"):
+    fn, state = build(config)
+    mesh = parallel.make_mesh(jax.devices()[:devices])
+    step = parallel.data_parallel(fn, mesh, backend=backend)
+    if backend == "pmap":
+        state = parallel.stack_for_pmap(state, mesh)
+        place = lambda b: jax.tree.map(lambda x: x.reshape(devices, -1, *x.shape[1:]), b)  # noqa: E731
+    else:
+        state = parallel.replicate(state, mesh)
+        place = lambda b: parallel.shard_batch(b, mesh)  # noqa: E731
+    history = []
+    for b in batches:
+        state, metrics = step(state, place(b))
+        history.append(jax.tree.map(lambda m: float(np.ravel(m)[0]), jax.device_get(metrics)))
+    state = jax.device_get(state)
+    if backend == "pmap":
+        state = jax.tree.map(lambda x: x[0], state)
+    return state, history
+
+
+@pytest.mark.parametrize("stage", ["warmup", "stage1", "stage2"])
+def test_steps_are_finite_and_learn_on_a_fixed_batch(stage):
+    config = tiny_config(stage, **{"optim.base_lr": 2e-2})
+    batch = make_batch(config, np.random.default_rng(0), noise=0)
+    _, history = run(config, [batch] * 10, devices=1)
+    losses = np.array([h["loss"] for h in history])
+    assert np.all(np.isfinite(losses)), losses
+    source = np.array([h["source_ce"] for h in history])
+    assert source[-3:].mean() < source[:3].mean() - 0.05, source  # the supervised term goes down
+    if stage == "stage1":
+        assert history[-1]["queue_in_use"] == 1.0  # the 64-row queue filled up
+        assert any(h["contrastive"] > 0 for h in history)
+
+
+def _assert_states_close(a, b, rtol):
+    """Each field of the state (params, statistics, optimizer, teacher, queues, ...) equal up to a
+    relative L2 error of ``rtol`` over all its leaves.
+
+    Leaf by leaf is too strict: a BatchNorm bias right before another normalisation gets a
+    gradient that is a sum of cancelling terms, pure summation-order noise on an untrained
+    network. A real mistake (a missing or doubled psum) moves a whole field by tens of percent.
+    """
+    for field in a.__dataclass_fields__:
+        x, y = getattr(a, field), getattr(b, field)
+        xs = [np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(x)]
+        ys = [np.asarray(v, np.float64).ravel() for v in jax.tree.leaves(y)]
+        assert len(xs) == len(ys), field
+        if not ys:
+            continue
+        xv, yv = np.concatenate(xs), np.concatenate(ys)
+        err = np.linalg.norm(xv - yv) / max(np.linalg.norm(yv), 1e-30)
+        assert err < rtol, f"{field}: relative L2 difference {err:.2e}"
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_four_devices_give_the_state_of_one_device(stage):
+    """Each step on 4 devices (one image each) equals the step on 1 device with all 4 images.
+
+    Both start every step from the same state (the 1-device one), three steps in a row, so the
+    stage-1 queues fill and the contrastive term runs. Chaining the two runs separately would
+    compare chaotic amplifications of summation-order rounding (argmax near-ties of the
+    rectified labels, on an untrained network) rather than the step. Dropout is off: its masks
+    are the only draw that depends on how the batch is split. The momentum buffers compared
+    hold the gradients themselves.
+    """
+    config = tiny_config(stage, **{"model.dropout_rate": 0.0, "optim.base_lr": 1e-3})
+    rng = np.random.default_rng()
+    fn, state = build(config)
+    mesh1, mesh4 = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])
+    step1, step4 = parallel.data_parallel(fn, mesh1), parallel.data_parallel(fn, mesh4)
+    state = jax.device_get(state)
+    for _ in range(3):
+        batch = make_batch(config, rng)
+        one, m1 = step1(parallel.replicate(state, mesh1), parallel.shard_batch(batch, mesh1))
+        four, m4 = step4(parallel.replicate(state, mesh4), parallel.shard_batch(batch, mesh4))
+        one, four = jax.device_get((one, four))
+        np.testing.assert_allclose(float(m4["loss"]), float(m1["loss"]), rtol=1e-5)
+        _assert_states_close(four, one, rtol=1e-4)
+        if stage == "stage1":
+            np.testing.assert_array_equal(four.feature_queue.labels, one.feature_queue.labels)
+        state = one
+    if stage == "stage1":
+        assert bool(state.feature_queue.was_in_use) and float(m1["contrastive"]) != 0.0
+
+
+def test_pmap_gives_the_state_of_shard_map():
+    config = tiny_config("stage1", **{"model.dropout_rate": 0.0})
+    rng = np.random.default_rng()
+    batches = [make_batch(config, rng) for _ in range(2)]
+    sm, _ = run(config, batches, devices=4, backend="shard_map")
+    pm, _ = run(config, batches, devices=4, backend="pmap")
+    _assert_states_close(pm, sm, rtol=1e-5)
