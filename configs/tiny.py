@@ -1,6 +1,9 @@
 """A tiny network on small synthetic images: every stage runs in seconds on a CPU (tests).
 
-    python -m cpsl_jax.main --config=configs/tiny.py:warmup --workdir=/tmp/tiny/warmup
+    python -m cpsl_jax.main --config=configs/tiny.py:warmup,RUNS --workdir=RUNS/warmup
+
+with the stages of ``configs/gta5.py`` in the same order, artifacts chained under RUNS
+(default ``runs/tiny``).
 
 Same code paths as the paper's configs, scaled down consistently: 64x128 images, 32x64
 crops, a depth-14 ResNet of width 8 with a 32-wide head, 16 sampled pixels per image
@@ -11,9 +14,17 @@ crops, a depth-14 ResNet of width 8 with a 32-wide head, 16 sampled pixels per i
 from cpsl_jax import defaults
 
 
-def get_config(stage: str = "stage1"):
+def get_config(arg: str = "stage1"):
+    stage, _, runs = arg.partition(",")
     c = defaults.base()
     c.stage = stage
+    defaults.apply_stage(c, stage, runs or "runs/tiny")
+    c.init.backbone_only = False
+    if stage == "warmup":
+        c.init.checkpoint = ""  # from scratch: no ImageNet weights for the tiny network
+    c.model.bn_pretrain = False  # no SimCLR backbone either
+    if stage == "stage2":
+        c.init.checkpoint = ""
     c.model.depth, c.model.width, c.model.head_width = 14, 8, 32
     c.data.source, c.data.target = "synthetic-source", "synthetic-target"
     c.data.synthetic.size = (64, 128)

@@ -26,6 +26,7 @@ log = logging.getLogger("cpsl_jax")
 # Paths each stage reads: (config key, what it is).
 _REQUIRED_PATHS = {
     "warmup": [],
+    "lab_stats": [],
     "stage1": [("init.checkpoint", "warm-up model"), ("data.pseudo_labels", "soft pseudo-label store"),
                ("init.prototypes", "initial prototypes"), ("init.class_distribution", "class distribution")],
     "stage2": [("init.teacher", "stage-1 model"), ("data.pseudo_labels", "hard pseudo-label store")],

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
+from jax import lax
 
 
 def align_corners_coords(in_size: int, out_size: int) -> jnp.ndarray:
@@ -77,9 +78,13 @@ def resize_nearest(x: jnp.ndarray, out_hw: Sequence[int], axes: tuple[int, int] 
 
 
 def l2_normalize(x: jnp.ndarray, axis: int = -1, eps: float = 1e-12) -> jnp.ndarray:
-    """``F.normalize(x, dim=axis)``: x / max(||x||, eps)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    """``F.normalize(x, dim=axis)``: x / max(||x||, eps).
+
+    Written as ``x / sqrt(max(||x||^2, eps^2))``: the same values, and a finite gradient for an
+    all-zero row (e.g. the prototype of a class never predicted), where sqrt's is not.
+    """
+    sq = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
+    return x * lax.rsqrt(jnp.maximum(sq, eps * eps))
 
 
 def conv_dilated_space_to_batch(x: jnp.ndarray, kernel: jnp.ndarray, rate: int, *, precision=None) -> jnp.ndarray:

@@ -31,6 +31,10 @@ def test_l2_normalize_matches_torch():
     x[0, 0] = 0.0  # a zero row stays zero, as F.normalize's eps clamp does
     ours = np.asarray(ops.l2_normalize(x))
     np.testing.assert_allclose(ours, F.normalize(torch.from_numpy(x), dim=-1).numpy(), rtol=1e-6, atol=1e-7)
+    import jax
+
+    grad = jax.grad(lambda v: ops.l2_normalize(v).sum())(x)
+    assert np.all(np.isfinite(np.asarray(grad)))  # finite also for the zero row
 
 
 @pytest.mark.parametrize("rate,hw", [(2, (9, 14)), (4, (17, 29)), (6, (65, 113)), (24, (17, 30))])

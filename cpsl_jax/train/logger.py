@@ -27,6 +27,11 @@ def setup_logging(workdir: str | Path | None = None, level: int = logging.INFO) 
     fmt = logging.Formatter("%(asctime)s %(levelname).1s %(name)s] %(message)s", "%H:%M:%S")
     root = logging.getLogger()
     root.setLevel(level)
+    # orbax and grain log every save and read at INFO through absl; keep their warnings only.
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)
     for h in list(root.handlers):
         if getattr(h, "_cpsl", False):
             root.removeHandler(h)
