@@ -11,7 +11,9 @@ from cpsl_jax import defaults
 RUNS = "runs/synthia"
 
 
-def get_config(stage: str = "stage1"):
+def get_config(arg: str = "stage1"):
+    """``arg`` is ``STAGE`` or ``STAGE,RUNS`` (where earlier stages' outputs are)."""
+    stage, _, runs = arg.partition(",")
     c = defaults.base()
     c.stage = stage
     c.model.num_classes = 16
@@ -19,5 +21,5 @@ def get_config(stage: str = "stage1"):
     c.data.target, c.data.target_root = "cityscapes", "data/Cityscapes"
     c.data.source_base_size = (1280, 760)
     c.data.colour_transfer = False
-    defaults.apply_stage(c, stage, RUNS)
+    defaults.apply_stage(c, stage, runs or RUNS)
     return c

@@ -183,6 +183,6 @@ def format_iou_table(result: Mapping, class_names: Sequence[str]) -> str:
     lines = [f'{"class":<{width}}  IoU']
     lines += [f'{n:<{width}}  {100 * v:6.2f}' for n, v in zip(class_names, iou)]
     for key, value in result.items():
-        if key != 'per_class_iou':
+        if key != 'per_class_iou' and np.ndim(value) == 0:  # scalars only (not a confusion matrix)
             lines.append(f'{key:<{width}}  {100 * float(value):6.2f}')
     return '\n'.join(lines)

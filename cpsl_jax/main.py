@@ -19,6 +19,8 @@ from cpsl_jax import defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (e.g. configs/gta5.py:stage1)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and outputs")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() first (multi-host: "
+                                  "SLURM and Cloud TPU pods are detected from the environment)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 log = logging.getLogger("cpsl_jax")
@@ -85,6 +87,10 @@ def run(config, workdir: str) -> dict:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except defaults.ConfigError as err:

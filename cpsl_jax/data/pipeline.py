@@ -80,6 +80,10 @@ class WithPseudoLabels:
             raise ValueError(f"pseudo label kind must be 'soft' or 'hard', got {kind!r}")
         self.source, self.store, self.kind, self.threshold = source, store, kind, threshold
 
+    def __repr__(self) -> str:
+        # Stable across processes: grain checks a restored iterator against repr(data_source).
+        return f"WithPseudoLabels({self.source!r}, {self.store!r}, kind={self.kind!r}, threshold={self.threshold})"
+
     def __len__(self) -> int:
         return len(self.source)
 
@@ -106,6 +110,9 @@ class PaddedSource:
         if length < len(source):
             raise ValueError(f"padded length {length} < source length {len(source)}")
         self.source, self.length = source, int(length)
+
+    def __repr__(self) -> str:
+        return f"PaddedSource({self.source!r}, {self.length})"
 
     def __len__(self) -> int:
         return self.length

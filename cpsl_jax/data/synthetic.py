@@ -616,6 +616,11 @@ class SyntheticDataset:
         self._table = _subset_table(num_classes)
         self._stats = _stats_for(domain, num_classes)
 
+    def __repr__(self) -> str:
+        # Stable across processes: grain checks a restored iterator against repr(data_source).
+        return (f"SyntheticDataset(domain={self.domain!r}, split={self.split!r}, num_classes={self.num_classes}, "
+                f"seed={self.seed}, size={self.size}, length={self.length})")
+
     def __len__(self) -> int:
         return self.length
 

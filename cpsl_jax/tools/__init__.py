@@ -194,6 +194,7 @@ def evaluate_checkpoint(config: mlc.ConfigDict, workdir: Path, mesh) -> dict:
     table = evaluate.format_iou_table(result, names)
     print(table)
     (workdir / "miou.txt").write_text(table + "\n")
+    np.save(workdir / "confusion_matrix.npy", result["confusion_matrix"])
     save_predictions(model, loaded["variables"], dataset, config.eval.save_predictions, workdir / "predictions",
                      config.model.num_classes)
     summary = {"stage": "eval", "checkpoint": config.init.checkpoint, "miou": result["miou"],

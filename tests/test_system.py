@@ -1,0 +1,132 @@
+"""The system end to end on the tiny config: CLI errors, exact resume, every stage's artifacts,
+and evaluation of a reference-format checkpoint against the PyTorch reference network."""
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cpsl_jax import defaults, main
+from cpsl_jax.data import layouts, open_dataset
+from cpsl_jax.data.pseudo_labels import PseudoLabelStore
+from cpsl_jax.data.synthetic import SyntheticDataset, write_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny(arg):
+    spec = importlib.util.spec_from_file_location("tiny_config", ROOT / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_unknown_keys_and_missing_paths_fail_before_compiling(tmp_path):
+    # An override of a key the schema does not have is refused by the command line, naming it.
+    proc = subprocess.run([sys.executable, "-m", "cpsl_jax.main", "--config=configs/tiny.py:warmup",
+                           f"--workdir={tmp_path}/w", "--config.cpsl.temprature=0.1"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "temprature" in proc.stderr
+    # A key added by a config file is named too.
+    config = tiny("warmup")
+    config.cpsl.unlock()
+    config.cpsl.temprature = 0.1
+    with pytest.raises(defaults.ConfigError, match="cpsl.temprature"):
+        main.run(config, tmp_path / "w2")
+    # A missing artifact names the key and the path.
+    config = tiny(f"stage1,{tmp_path}/nothing")
+    with pytest.raises(defaults.ConfigError, match="init.checkpoint=.*nothing/warmup/model.msgpack"):
+        main.run(config, tmp_path / "w3")
+
+
+def _model_bytes(workdir):
+    return (Path(workdir) / "model.msgpack").read_bytes()
+
+
+def test_interrupted_run_resumes_exactly(tmp_path):
+    """2 steps, stop, resume to 4 == 4 steps in one go: same parameters, optimizer and data position."""
+    def config(steps):
+        c = tiny("warmup")
+        c.train.steps, c.train.checkpoint_every, c.train.eval_every = steps, 2, 0
+        return c
+
+    main.run(config(4), tmp_path / "straight")
+    main.run(config(2), tmp_path / "resumed")
+    first_half = _model_bytes(tmp_path / "resumed")
+    main.run(config(4), tmp_path / "resumed")
+    assert _model_bytes(tmp_path / "resumed") != first_half
+    assert _model_bytes(tmp_path / "resumed") == _model_bytes(tmp_path / "straight")
+
+
+def test_every_stage_runs_and_writes_its_artifacts(tmp_path):
+    runs = tmp_path / "runs"
+    summaries = {}
+    for stage in ["warmup", "soft_labels", "prototypes", "stage1", "hard_labels", "stage2"]:
+        config = tiny(f"{stage},{runs}")
+        config.train.steps, config.train.eval_every = 2, 2
+        summaries[stage] = main.run(config, runs / stage)
+    art = runs / "artifacts"
+    n, c = 8, 19
+    soft = PseudoLabelStore(art / "soft")
+    assert len(soft.names("soft")) == n
+    probs = soft.read_soft(soft.names("soft")[0])
+    assert probs.shape == (c, 9, 17) and np.allclose(probs.astype(np.float32).sum(0), 1, atol=1e-2)
+    prototypes, prior = np.load(art / "prototypes.npy"), np.load(art / "class_distribution.npy")
+    assert prototypes.shape == (c, 32) and prior.shape == (c,) and abs(prior.sum() - 1) < 1e-5
+    hard = PseudoLabelStore(art / "hard_stage1")
+    label, conf = hard.read_hard(hard.names("hard")[0], threshold=None)
+    assert label.shape == (64, 128) and conf.dtype == np.float16 and label.max() < c
+    for stage in ("warmup", "stage1", "stage2"):
+        s = summaries[stage]
+        assert s["step"] == 2 and 0.0 <= s["best_miou"] <= 1.0 and len(s["per_class_iou"]) == c
+        assert (runs / stage / "model.msgpack").exists() and (runs / stage / "tensorboard").is_dir()
+
+
+@pytest.mark.torch
+def test_evaluating_a_reference_checkpoint_matches_the_pytorch_network(tmp_path):
+    torch = pytest.importorskip("torch")
+    from cpsl_jax.models import torch_reference as tr
+
+    # A tiny Cityscapes-layout validation set, written in the real format.
+    root = tmp_path / "cityscapes"
+    write_layout(SyntheticDataset("target", "val", length=3, size=(64, 128), seed=3), str(root), "cityscapes")
+    # A reference network with random weights and non-trivial statistics, saved as the authors do.
+    torch.manual_seed(0)
+    net = tr.ResNet101(num_classes=19, depth=14, width=8, head_width=32).eval()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.normal_(0, (2.0 / m.weight[0].numel()) ** 0.5)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    ckpt = tmp_path / "reference.pkl"
+    torch.save({"ResNet101": {"model_state": net.state_dict(), "prototypes_ema": torch.zeros(19, 32)},
+                "iter": 7, "best_iou": 0.5}, ckpt)
+
+    config = tiny("eval")
+    config.init.checkpoint = str(ckpt)
+    config.data.target, config.data.target_root = "cityscapes", str(root)
+    config.data.target_base_size = (128, 64)
+    workdir = tmp_path / "eval"
+    summary = main.run(config, workdir)
+    ours = np.load(workdir / "confusion_matrix.npy")
+
+    # The same images through the PyTorch network: logits upsampled (align_corners), argmax.
+    val = open_dataset("cityscapes", str(root), "val", 19, base_size=(128, 64))
+    expected = np.zeros((19, 19), np.int64)
+    for i in range(len(val)):
+        item = val[i]
+        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            logits = net(x)["out"]
+            up = torch.nn.functional.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
+        pred = up.argmax(1)[0].numpy()
+        keep = item["label"] != layouts.IGNORE_LABEL
+        np.add.at(expected, (item["label"][keep].astype(int), pred[keep]), 1)
+    assert ours.sum() == expected.sum() > 0
+    np.testing.assert_array_equal(ours, expected)
+    assert (workdir / "predictions").is_dir() and len(list((workdir / "predictions").glob("*.png"))) == 2
+    assert 0.0 <= summary["miou"] <= 1.0
