@@ -30,7 +30,9 @@ def base() -> mlc.ConfigDict:
     c.model.dtype = "float32"      # compute dtype: 'float32' or 'bfloat16' (params and norms stay float32)
     c.model.remat = False          # rematerialise each bottleneck block in the backward pass
     c.model.dropout_rate = 0.1
-    c.model.dilated_impl = "native"  # or 'space_to_batch': same result, faster on GPUs (see benchmarks/)
+    # Dilated convolutions: 'auto' = 'space_to_batch' on GPUs (same result; XLA's native lowering
+    # there is 3x slower for a training pass, benchmarks/RESULTS.md), 'native' elsewhere.
+    c.model.dilated_impl = "auto"
 
     # -- initialisation -----------------------------------------------------------------------
     c.init = mlc.ConfigDict()

@@ -146,7 +146,9 @@ def test_four_devices_give_the_state_of_one_device(stage):
     hold the gradients themselves.
     """
     config = tiny_config(stage, **{"model.dropout_rate": 0.0, "optim.base_lr": 1e-3})
-    rng = np.random.default_rng()
+    # Fixed data: on an untrained network some random draws put a rectified pseudo label's
+    # argmax within rounding of a tie, and 1 vs 4 devices may then label one pixel differently.
+    rng = np.random.default_rng(7)
     fn, state = build(config)
     mesh1, mesh4 = parallel.make_mesh(jax.devices()[:1]), parallel.make_mesh(jax.devices()[:4])
     step1, step4 = parallel.data_parallel(fn, mesh1), parallel.data_parallel(fn, mesh4)

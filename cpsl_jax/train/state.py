@@ -61,11 +61,14 @@ def build_model(config: mlc.ConfigDict, *, axis_name: str | None = "data", bn_pr
                 dtype: str | None = None) -> models.DeepLabV2:
     """The segmenter a config describes (BatchNorm synchronised over ``axis_name``)."""
     m = config.model
+    dilated = m.dilated_impl
+    if dilated == "auto":
+        dilated = "space_to_batch" if jax.default_backend() == "gpu" else "native"
     return models.DeepLabV2(
         num_classes=m.num_classes, depth=m.depth, width=m.width, head_width=m.head_width,
         bn_pretrain=m.bn_pretrain if bn_pretrain is None else bn_pretrain,
         dtype=DTYPES[dtype or m.dtype], axis_name=axis_name, remat=m.remat, dropout_rate=m.dropout_rate,
-        dilated_impl=m.dilated_impl)
+        dilated_impl=dilated)
 
 
 def trainable_labels(params: Any) -> Any:

@@ -1,0 +1,138 @@
+"""Time the real training steps (stage 1 with every CPSL term, stage 2/3 distillation) on one device.
+
+The same per-device step functions training runs (augmentation on the device, three student
+passes and the teacher in stage 1, Sinkhorn, queues, all losses, the optimizer and EMA),
+compiled with ``cpsl_jax.train.parallel`` on a 1-device mesh, on random data at base size.
+Prints compile time, median ms per step, images/s and XLA's memory figures as it goes.
+
+    python benchmarks/stage_step.py --config configs/gta5.py --stages stage1 stage2 [--dtype bfloat16]
+    python benchmarks/stage_step.py --config configs/tiny.py --quick        # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+
+from cpsl_jax.train import parallel, steps
+from cpsl_jax.train import state as state_lib
+from cpsl_jax.train.io import init_variables
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def load_config(path: str, stage: str):
+    spec = importlib.util.spec_from_file_location("bench_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(stage)
+
+
+def random_batch(config, rng):
+    b = config.data.batch_size
+    c = config.model.num_classes
+    sw, sh = config.data.source_base_size
+    tw, th = config.data.target_base_size
+    model = state_lib.build_model(config, axis_name=None)
+    out_hw = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0]["logits"],
+                            jax.ShapeDtypeStruct((1, th, tw, 3), np.float32)).shape[1:3]
+    soft = rng.random((b, c, *out_hw), dtype=np.float32)
+    return {"source": {"image": rng.integers(0, 256, (b, sh, sw, 3), dtype=np.uint8),
+                       "label": rng.integers(0, c, (b, sh, sw)).astype(np.uint8),
+                       "target_lab": np.tile(np.array([[50.0, 0.0, 0.0], [20.0, 10.0, 10.0]], np.float32), (b, 1, 1))},
+            "target": {"image": rng.integers(0, 256, (b, th, tw, 3), dtype=np.uint8),
+                       "soft_label": (soft / soft.sum(1, keepdims=True)).astype(np.float16),
+                       "pseudo_label": rng.integers(0, c, (b, th, tw)).astype(np.uint8)}}
+
+
+def build(config):
+    tx = state_lib.make_optimizer(config)
+    variables = init_variables(config, jax.random.PRNGKey(0))
+    model = state_lib.build_model(config)
+    c, d = config.model.num_classes, config.model.head_width
+    if config.stage == "stage1":
+        rng = np.random.default_rng(0)
+        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(0),
+                                       prototypes=rng.standard_normal((c, d)).astype(np.float32),
+                                       class_prior=np.full((c,), 1.0 / c, np.float32))
+        fn = functools.partial(steps.stage1_step, model=model, tx=tx, config=config)
+    else:
+        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(0), teacher=variables)
+        fn = functools.partial(steps.distill_step, model=model,
+                               teacher_model=state_lib.build_model(config, axis_name=None, bn_pretrain=False),
+                               tx=tx, config=config)
+    return fn, state
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/gta5.py")
+    p.add_argument("--stages", nargs="+", default=["stage1", "stage2"])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dilated-impl", default="space_to_batch")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--queue-size", type=int, default=0, help="override cpsl.queue_size (0: the config's)")
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    dev = jax.devices()[0]
+    log(f"# device {dev.device_kind} ({dev.platform}), jax {jax.__version__}, config {a.config}, {a.dtype}, "
+        f"dilated convolutions: {a.dilated_impl}")
+    rows = []
+    for stage in a.stages:
+        config = load_config(a.config, stage)
+        config.model.dtype, config.model.dilated_impl = a.dtype, a.dilated_impl
+        config.data.colour_transfer = config.data.colour_transfer and stage != "stage2"
+        if a.queue_size:
+            config.cpsl.queue_size = a.queue_size
+        fn, state = build(config)
+        mesh = parallel.make_mesh(jax.devices()[:1])
+        step = parallel.data_parallel(fn, mesh)
+        state = parallel.replicate(state, mesh)
+        batch = parallel.shard_batch(random_batch(config, np.random.default_rng(0)), mesh)
+        log(f"[{stage}] lowering ...")
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+        t1 = time.perf_counter()
+        log(f"[{stage}] lowered in {t1 - t0:.1f} s; compiling ...")
+        compiled = lowered.compile()
+        t2 = time.perf_counter()
+        mem = compiled.memory_analysis()
+        temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
+        args = getattr(mem, "argument_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
+        log(f"[{stage}] compiled in {t2 - t1:.1f} s; XLA temp {temp:.2f} GiB, arguments {args:.2f} GiB")
+        state, m = compiled(state, batch)
+        jax.block_until_ready(state)
+        times = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            state, m = compiled(state, batch)
+            jax.block_until_ready(state)
+            times.append(time.perf_counter() - t)
+        ms = 1e3 * statistics.median(times)
+        row = dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, ms=ms,
+                   images_per_s=config.data.batch_size / (ms / 1e3), temp_gib=temp, argument_gib=args,
+                   loss=float(m["loss"]))
+        try:
+            stats = dev.memory_stats() or {}
+            row["device_peak_gib"] = stats.get("peak_bytes_in_use", 0) / 2**30
+        except Exception:  # noqa: BLE001 - not every backend reports memory
+            pass
+        rows.append(row)
+        log(f"[{stage}] {ms:.1f} ms/step, {row['images_per_s']:.1f} images/s, loss {row['loss']:.3f}, "
+            f"device peak {row.get('device_peak_gib', float('nan')):.2f} GiB")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(device=dev.device_kind, dtype=a.dtype, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
