@@ -1,0 +1,40 @@
+"""Two real processes (jax.distributed on localhost, CPU collectives) x 2 devices reproduce the
+single-process 4-device result of the training step."""
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import portpicker
+
+from test_train_steps import build, make_batch, tiny_config
+
+from cpsl_jax.train import parallel
+
+HERE = Path(__file__).resolve().parent
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+    port = portpicker.pick_unused_port()
+    out = tmp_path / "state.npz"
+    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(port), str(i), str(out)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+
+    config = tiny_config("stage2", **{"model.dropout_rate": 0.0, "optim.base_lr": 1e-3})
+    fn, state = build(config)
+    mesh = parallel.make_mesh(jax.devices()[:4])
+    step = parallel.data_parallel(fn, mesh)
+    state = parallel.replicate(state, mesh)
+    rng = np.random.default_rng(11)
+    for _ in range(2):
+        state, metrics = step(state, parallel.shard_batch(make_batch(config, rng), mesh))
+    expected = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+    got = np.load(out)
+    assert len(got.files) == len(expected) + 1
+    np.testing.assert_allclose(float(got["loss"]), float(metrics["loss"]), rtol=1e-5)
+    for i, want in enumerate(expected):
+        np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-4, atol=1e-6)
