@@ -130,3 +130,25 @@ def test_evaluating_a_reference_checkpoint_matches_the_pytorch_network(tmp_path)
     np.testing.assert_array_equal(ours, expected)
     assert (workdir / "predictions").is_dir() and len(list((workdir / "predictions").glob("*.png"))) == 2
     assert 0.0 <= summary["miou"] <= 1.0
+
+
+def test_a_non_finite_loss_stops_the_run_with_the_last_good_parameters(tmp_path):
+    from cpsl_jax.train.guards import NonFiniteError
+
+    config = tiny("warmup")
+    config.optim.base_lr = 1e30  # the first update overflows; the next loss is not finite
+    config.train.steps, config.train.eval_every, config.train.checkpoint_every = 3, 0, 1
+    config.train.nonfinite_skip = 1  # one refused step is tolerated, the second stops the run
+    with pytest.raises(NonFiniteError, match="2 step"):
+        main.run(config, tmp_path / "w")
+    import jax
+    # The refused steps left the parameters of the last finite step (here: the initial ones) in
+    # every checkpoint, and the run wrote no final model.
+    import orbax.checkpoint as ocp
+
+    steps = sorted(int(p.name) for p in (tmp_path / "w" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and not (tmp_path / "w" / "model.msgpack").exists()
+    saved = ocp.StandardCheckpointer().restore(tmp_path / "w" / "checkpoints" / str(steps[-1]) / "state")
+    leaves = [np.asarray(x) for x in jax.tree.leaves(saved["params"])]
+    assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
+    assert int(saved["nonfinite_streak"]) >= 1

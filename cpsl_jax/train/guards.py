@@ -1,7 +1,7 @@
 """Non-finite losses and gradients: the step refuses the update, the host stops the run.
 
-``skip_nonfinite(step)`` wraps a per-device step: when the (global) loss or gradient norm is
-not finite, the new state is dropped on the device (only the step counter advances) and the
+``skip_nonfinite(step)`` wraps a per-device step: when the (global) loss, the gradient norm or
+the updated parameters are not finite, the new state is dropped on the device (only the step counter advances) and the
 state's ``nonfinite_streak`` counts the steps refused in a row (``nonfinite_worst``: the
 longest such run so far). The host reads the latter with the metrics it logs anyway and
 stops the run once it exceeds
@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 class NonFiniteError(RuntimeError):
@@ -24,7 +25,9 @@ class NonFiniteError(RuntimeError):
 def skip_nonfinite(step: Callable[[Any, Any], tuple[Any, Any]]) -> Callable[[Any, Any], tuple[Any, Any]]:
     def guarded(state, batch):
         new, metrics = step(state, batch)
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+        # The loss, the gradients and the updated parameters (an overflowing update) must be finite.
+        ok = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+              & jnp.isfinite(optax.tree.norm(new.params)))
         kept = state.replace(step=new.step)
         new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
         streak = jnp.where(ok, 0, state.nonfinite_streak + 1).astype(jnp.int32)

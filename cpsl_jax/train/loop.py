@@ -128,34 +128,36 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
     best = {"miou": -1.0}
     summary: dict[str, Any] = {"stage": config.stage}
     t_compile = time.perf_counter()
-    for step in range(start, total):
-        batch = _next_batch(iterators, mesh)
-        state, metrics = step_fn(state, batch)
-        if step == start:
-            log.info("first step (compilation included) took %.1f s", time.perf_counter() - t_compile)
-        done = step + 1
-        if done % config.train.log_every == 0 or done == total:
-            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            guards.check(host, config.train.nonfinite_skip, done)
-            writer.scalars(done, host, prefix="train/")
-            progress.update(0, **{k: host[k] for k in ("loss",) if k in host})
-        progress.update(1)
-        if val is not None and (done % config.train.eval_every == 0 or done == total):
-            result = evaluate_variables(config, _student_variables(state), val, mesh)
-            writer.scalars(done, {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}, prefix="val/")
-            log.info("step %d: target mIoU %.2f", done, 100 * result["miou"])
-            if result["miou"] > best["miou"]:
-                names = layouts.class_names(config.model.num_classes)
-                best = {"miou": result["miou"], "step": done,
-                        "per_class_iou": dict(zip(names, np.asarray(result["per_class_iou"], float).tolist()))}
-                ckpt.save_best(done, state, result["miou"], config=config)
-                save_model(workdir / "best_model.msgpack", state, config)
-        ckpt.save(done, state, iterators=iterators, config=config, force=done == total or ckpt.should_stop(done))
-        if ckpt.should_stop(done):
-            log.warning("stopping at step %d on request; resume with the same command", done)
-            break
-    progress.close()
-    ckpt.wait()
+    try:
+        for step in range(start, total):
+            batch = _next_batch(iterators, mesh)
+            state, metrics = step_fn(state, batch)
+            if step == start:
+                log.info("first step (compilation included) took %.1f s", time.perf_counter() - t_compile)
+            done = step + 1
+            if done % config.train.log_every == 0 or done == total:
+                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                guards.check(host, config.train.nonfinite_skip, done)
+                writer.scalars(done, host, prefix="train/")
+                progress.update(0, **{k: host[k] for k in ("loss",) if k in host})
+            progress.update(1)
+            if val is not None and (done % config.train.eval_every == 0 or done == total):
+                result = evaluate_variables(config, _student_variables(state), val, mesh)
+                writer.scalars(done, {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}, prefix="val/")
+                log.info("step %d: target mIoU %.2f", done, 100 * result["miou"])
+                if result["miou"] > best["miou"]:
+                    names = layouts.class_names(config.model.num_classes)
+                    best = {"miou": result["miou"], "step": done,
+                            "per_class_iou": dict(zip(names, np.asarray(result["per_class_iou"], float).tolist()))}
+                    ckpt.save_best(done, state, result["miou"], config=config)
+                    save_model(workdir / "best_model.msgpack", state, config)
+            ckpt.save(done, state, iterators=iterators, config=config, force=done == total or ckpt.should_stop(done))
+            if ckpt.should_stop(done):
+                log.warning("stopping at step %d on request; resume with the same command", done)
+                break
+    finally:  # also when a guard stops the run: finish the checkpoint writes in flight
+        progress.close()
+        ckpt.wait()
     save_model(workdir / "model.msgpack", state, config)
     summary.update(step=int(jax.device_get(state.step)), images_per_second=progress.images_per_second(),
                    best_miou=best.get("miou"), best_step=best.get("step"),
