@@ -152,3 +152,21 @@ def test_a_non_finite_loss_stops_the_run_with_the_last_good_parameters(tmp_path)
     leaves = [np.asarray(x) for x in jax.tree.leaves(saved["params"])]
     assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
     assert int(saved["nonfinite_streak"]) >= 1
+
+
+def test_sixteen_class_evaluation_reports_the_13_class_miou():
+    import jax
+
+    from cpsl_jax.evaluate import SYNTHIA_13_OF_16
+    from cpsl_jax.train import loop, parallel
+    from cpsl_jax.train.io import init_variables, open_split
+
+    config = tiny("eval")
+    config.model.num_classes = 16
+    config.data.synthetic.length = 4
+    variables = init_variables(config, jax.random.PRNGKey(0))
+    result = loop.evaluate_variables(config, variables, open_split(config, "target", "val"), parallel.make_mesh())
+    iou = np.asarray(result["per_class_iou"])
+    assert iou.shape == (16,) and result["confusion_matrix"].sum() > 0
+    expected = np.nanmean(iou[list(SYNTHIA_13_OF_16)]) if np.isfinite(iou[list(SYNTHIA_13_OF_16)]).any() else np.nan
+    np.testing.assert_allclose(result["miou13"], expected)

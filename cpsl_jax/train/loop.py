@@ -190,7 +190,7 @@ def evaluate_variables(config: mlc.ConfigDict, variables: dict, dataset, mesh, *
         cm += np.asarray(jax.device_get(step(variables, batch)), np.int64)
         log.debug("eval batch %d/%d", i + 1, n_batches)
     # eval_step psums over the global mesh: cm already counts every host's images.
-    subsets = {"miou13": layouts.SYNTHIA_13_OF_16} if config.model.num_classes == 16 else None
+    subsets = {"miou13": evaluate.SYNTHIA_13_OF_16} if config.model.num_classes == 16 else None
     result = evaluate.iou_from_confusion(cm, subsets)
     result["confusion_matrix"] = cm
     return result
