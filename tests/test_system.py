@@ -119,7 +119,7 @@ def test_evaluating_a_reference_checkpoint_matches_the_pytorch_network(tmp_path)
     expected = np.zeros((19, 19), np.int64)
     for i in range(len(val)):
         item = val[i]
-        x = torch.from_numpy(item["image"]).permute(2, 0, 1)[None].float() / 255
+        x = torch.from_numpy(item["image"].copy()).permute(2, 0, 1)[None].float() / 255
         with torch.no_grad():
             logits = net(x)["out"]
             up = torch.nn.functional.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=True)
