@@ -107,9 +107,9 @@ def main():
             rows.append(dict(conv=name, map=map_name, hw=hw, cin=cin, cout=cout, rate=rate, xla_native_ms=nat,
                              xla_s2b_ms=s2b, torch_ms=tor, compile_native_s=c_nat, compile_s2b_s=c_s2b))
             print(f"{name:10s} {map_name:8s} {nat:14.2f} {s2b:11.2f} {tor:9.2f} {s2b / nat:10.2f} {c_nat:10.1f}/{c_s2b:.1f}", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=dev.device_kind, dtype=a.dtype, rows=rows), f, indent=1)
+            if a.json:  # after every row: a run stopped by a time limit keeps what it measured
+                with open(a.json, "w") as f:
+                    json.dump(dict(device=dev.device_kind, dtype=a.dtype, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ def bench(name, fn, args, repeats):
     t2 = time.perf_counter()
     log(f"  {name}: lowered in {t1 - t0:.1f} s, compiled in {t2 - t1:.1f} s")
     mem = compiled.memory_analysis()
-    peak = None
+    peak = None  # XLA's temp + argument + output bytes: an upper bound of what the call holds, not a measured peak
     if mem is not None:
         peak = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes) / 2**30
     jax.block_until_ready(compiled(*args))
@@ -97,6 +97,9 @@ def main():
                     r = bench(part, teacher, (variables, xt), a.repeats)
                 r.update(dtype=dtype_name, impl=impl, part=part, images_per_s=batch / (r["ms"] / 1e3))
                 rows.append(r)
+                if a.json:  # after every row: a run stopped by a time limit keeps what it measured
+                    with open(a.json, "w") as f:
+                        json.dump(dict(device=dev.device_kind, rows=rows), f, indent=1)
                 log(f"[{dtype_name} / {impl} / {part}] {r['ms']:.1f} ms/call, {r['images_per_s']:.1f} images/s, "
                     f"compile {r['compile_s']:.1f} s, XLA memory {r['peak_gib'] or float('nan'):.2f} GiB")
     log("\n| dtype | dilated convs | part | ms/call | images/s | lower s | compile s | XLA memory GiB |")
@@ -104,9 +107,6 @@ def main():
     for r in rows:
         log(f"| {r['dtype']} | {r['impl']} | {r['part']} | {r['ms']:.1f} | {r['images_per_s']:.1f} | "
             f"{r['lower_s']:.1f} | {r['compile_s']:.1f} | {r['peak_gib'] or float('nan'):.2f} |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(dict(device=dev.device_kind, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":
