@@ -136,21 +136,10 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
                 log.info("first step (compilation included) took %.1f s", time.perf_counter() - t_compile)
             done = step + 1
             if done % config.train.log_every == 0 or done == total:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                guards.check(host, config.train.nonfinite_skip, done)
-                writer.scalars(done, host, prefix="train/")
-                progress.update(0, **{k: host[k] for k in ("loss",) if k in host})
+                _log_metrics(config, metrics, done, writer, progress)
             progress.update(1)
             if val is not None and (done % config.train.eval_every == 0 or done == total):
-                result = evaluate_variables(config, _student_variables(state), val, mesh)
-                writer.scalars(done, {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}, prefix="val/")
-                log.info("step %d: target mIoU %.2f", done, 100 * result["miou"])
-                if result["miou"] > best["miou"]:
-                    names = layouts.class_names(config.model.num_classes)
-                    best = {"miou": result["miou"], "step": done,
-                            "per_class_iou": dict(zip(names, np.asarray(result["per_class_iou"], float).tolist()))}
-                    ckpt.save_best(done, state, result["miou"], config=config)
-                    save_model(workdir / "best_model.msgpack", state, config)
+                best = _validate(config, state, val, mesh, done, best, writer, ckpt, workdir)
             ckpt.save(done, state, iterators=iterators, config=config, force=done == total or ckpt.should_stop(done))
             if ckpt.should_stop(done):
                 log.warning("stopping at step %d on request; resume with the same command", done)
@@ -166,6 +155,28 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
     writer.close()
     ckpt.close()
     return summary
+
+
+def _log_metrics(config, metrics, step: int, writer, progress) -> None:
+    """The only per-step host transfer: metrics at log steps (and the non-finite guard's verdict)."""
+    host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    guards.check(host, config.train.nonfinite_skip, step)
+    writer.scalars(step, host, prefix="train/")
+    progress.update(0, **{k: host[k] for k in ("loss",) if k in host})
+
+
+def _validate(config, state, val, mesh, step: int, best: dict, writer, ckpt, workdir: Path) -> dict:
+    """Evaluate the student on the target val split; keep it as the best model if it is."""
+    result = evaluate_variables(config, _student_variables(state), val, mesh)
+    writer.scalars(step, {"miou": result["miou"], "pixel_accuracy": result["pixel_accuracy"]}, prefix="val/")
+    log.info("step %d: target mIoU %.2f", step, 100 * result["miou"])
+    if result["miou"] <= best["miou"]:
+        return best
+    names = layouts.class_names(config.model.num_classes)
+    ckpt.save_best(step, state, result["miou"], config=config)
+    save_model(workdir / "best_model.msgpack", state, config)
+    return {"miou": result["miou"], "step": step,
+            "per_class_iou": dict(zip(names, np.asarray(result["per_class_iou"], float).tolist()))}
 
 
 def _student_variables(state: state_lib.TrainState) -> dict:
