@@ -60,6 +60,23 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert _model_bytes(tmp_path / "resumed") == _model_bytes(tmp_path / "straight")
 
 
+def test_the_best_model_survives_a_resume(tmp_path):
+    """A resumed run compares its validations with the best one before the interruption."""
+    import json
+
+    def config(steps):
+        c = tiny("warmup")
+        c.train.steps, c.train.checkpoint_every, c.train.eval_every = steps, 1, 1
+        return c
+
+    main.run(config(2), tmp_path / "w")
+    before = json.loads((tmp_path / "w" / "best.json").read_text())
+    summary = main.run(config(3), tmp_path / "w")
+    assert summary["best_miou"] >= before["miou"]
+    if summary["best_step"] != 3:  # step 3 was not better: the best stays the earlier one
+        assert summary["best_step"] == before["step"] and summary["best_miou"] == before["miou"]
+
+
 def test_every_stage_runs_and_writes_its_artifacts(tmp_path):
     runs = tmp_path / "runs"
     summaries = {}

@@ -8,6 +8,7 @@ steps and confusion matrices leave the devices.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -125,7 +126,8 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
     step_fn = _compiled_step(config, mesh, tx, disc_tx)
     total = min(config.train.steps, config.optim.max_steps)
     progress = Progress(total, initial=start, desc=config.stage, images_per_step=config.data.batch_size)
-    best = {"miou": -1.0}
+    best_file = workdir / "best.json"  # the best validation so far survives a resume
+    best = json.loads(best_file.read_text()) if restored is not None and best_file.exists() else {"miou": -1.0}
     summary: dict[str, Any] = {"stage": config.stage}
     t_compile = time.perf_counter()
     try:
@@ -175,8 +177,11 @@ def _validate(config, state, val, mesh, step: int, best: dict, writer, ckpt, wor
     names = layouts.class_names(config.model.num_classes)
     ckpt.save_best(step, state, result["miou"], config=config)
     save_model(workdir / "best_model.msgpack", state, config)
-    return {"miou": result["miou"], "step": step,
+    best = {"miou": float(result["miou"]), "step": step,
             "per_class_iou": dict(zip(names, np.asarray(result["per_class_iou"], float).tolist()))}
+    if jax.process_index() == 0:
+        (workdir / "best.json").write_text(json.dumps(best, indent=1) + "\n")
+    return best
 
 
 def _student_variables(state: state_lib.TrainState) -> dict:
