@@ -41,17 +41,20 @@ def test_unknown_keys_and_missing_paths_fail_before_compiling(tmp_path):
         main.run(config, tmp_path / "w3")
 
 
+def warmup(steps, *, checkpoint_every, eval_every):
+    """The tiny warm-up run for ``steps`` steps."""
+    c = tiny("warmup")
+    c.train.steps, c.train.checkpoint_every, c.train.eval_every = steps, checkpoint_every, eval_every
+    return c
+
+
 def _model_bytes(workdir):
     return (Path(workdir) / "model.msgpack").read_bytes()
 
 
 def test_interrupted_run_resumes_exactly(tmp_path):
     """2 steps, stop, resume to 4 == 4 steps in one go: same parameters, optimizer and data position."""
-    def config(steps):
-        c = tiny("warmup")
-        c.train.steps, c.train.checkpoint_every, c.train.eval_every = steps, 2, 0
-        return c
-
+    config = lambda steps: warmup(steps, checkpoint_every=2, eval_every=0)  # noqa: E731
     main.run(config(4), tmp_path / "straight")
     main.run(config(2), tmp_path / "resumed")
     first_half = _model_bytes(tmp_path / "resumed")
@@ -64,11 +67,7 @@ def test_the_best_model_survives_a_resume(tmp_path):
     """A resumed run compares its validations with the best one before the interruption."""
     import json
 
-    def config(steps):
-        c = tiny("warmup")
-        c.train.steps, c.train.checkpoint_every, c.train.eval_every = steps, 1, 1
-        return c
-
+    config = lambda steps: warmup(steps, checkpoint_every=1, eval_every=1)  # noqa: E731
     main.run(config(2), tmp_path / "w")
     before = json.loads((tmp_path / "w" / "best.json").read_text())
     summary = main.run(config(3), tmp_path / "w")

@@ -142,8 +142,9 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
             progress.update(1)
             if val is not None and (done % config.train.eval_every == 0 or done == total):
                 best = _validate(config, state, val, mesh, done, best, writer, ckpt, workdir)
-            ckpt.save(done, state, iterators=iterators, config=config, force=done == total or ckpt.should_stop(done))
-            if ckpt.should_stop(done):
+            stop = ckpt.should_stop(done)  # asked once per step: it may synchronise the hosts
+            ckpt.save(done, state, iterators=iterators, config=config, force=done == total or stop)
+            if stop:
                 log.warning("stopping at step %d on request; resume with the same command", done)
                 break
     finally:  # also when a guard stops the run: finish the checkpoint writes in flight
