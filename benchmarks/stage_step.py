@@ -81,6 +81,9 @@ def main():
     p.add_argument("--dilated-impl", default="space_to_batch")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--queue-size", type=int, default=0, help="override cpsl.queue_size (0: the config's)")
+    p.add_argument("--remat", action="store_true", help="rematerialise every bottleneck block (model.remat)")
+    p.add_argument("--no-scan", action="store_true", help="separate student passes (train.scan_passes=False)")
+    p.add_argument("--compile-only", action="store_true", help="report compile time and XLA memory, do not run")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     dev = jax.devices()[0]
@@ -91,6 +94,7 @@ def main():
         config = load_config(a.config, stage)
         config.model.dtype, config.model.dilated_impl = a.dtype, a.dilated_impl
         config.data.colour_transfer = config.data.colour_transfer and stage != "stage2"
+        config.model.remat, config.train.scan_passes = a.remat, not a.no_scan
         if a.queue_size:
             config.cpsl.queue_size = a.queue_size
         fn, state = build(config)
@@ -106,9 +110,19 @@ def main():
         compiled = lowered.compile()
         t2 = time.perf_counter()
         mem = compiled.memory_analysis()
-        temp = getattr(mem, "temp_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
-        args = getattr(mem, "argument_size_in_bytes", 0) / 2**30 if mem is not None else float("nan")
-        log(f"[{stage}] compiled in {t2 - t1:.1f} s; XLA temp {temp:.2f} GiB, arguments {args:.2f} GiB")
+        gib = lambda name: getattr(mem, name, 0) / 2**30 if mem is not None else float("nan")  # noqa: E731
+        temp, args = gib("temp_size_in_bytes"), gib("argument_size_in_bytes")
+        # Arguments (the donated state and the batch) + temporaries + outputs not aliased to an argument.
+        total = temp + args + gib("output_size_in_bytes") - gib("alias_size_in_bytes")
+        log(f"[{stage}] compiled in {t2 - t1:.1f} s; XLA temp {temp:.2f} GiB, arguments {args:.2f} GiB, "
+            f"total {total:.2f} GiB (remat={a.remat}, scan={not a.no_scan})")
+        if a.compile_only:
+            rows.append(dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, temp_gib=temp, argument_gib=args,
+                             total_gib=total, remat=a.remat, scan=not a.no_scan))
+            if a.json:
+                with open(a.json, "w") as f:
+                    json.dump(dict(device=dev.device_kind, dtype=a.dtype, rows=rows), f, indent=1)
+            continue
         state, m = compiled(state, batch)
         jax.block_until_ready(state)
         times = []
@@ -118,8 +132,9 @@ def main():
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t)
         ms = 1e3 * statistics.median(times)
-        row = dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, ms=ms,
+        row = dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, ms=ms, remat=a.remat, scan=not a.no_scan,
                    images_per_s=config.data.batch_size / (ms / 1e3), temp_gib=temp, argument_gib=args,
+                   total_gib=total,
                    loss=float(m["loss"]))
         try:
             stats = dev.memory_stats() or {}
