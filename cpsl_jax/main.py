@@ -55,7 +55,7 @@ def check_paths(config) -> None:
             problems.append(f"{key}={value} does not exist ({what})")
     for domain in ("source", "target"):
         name, root = config.data[domain], config.data[f"{domain}_root"]
-        if not name.startswith("synthetic-") and config.stage != "demo":
+        if not name.startswith("synthetic-"):
             if not root:
                 problems.append(f"data.{domain}_root is empty ({name} dataset)")
             elif not Path(root).is_dir():
@@ -75,10 +75,6 @@ def run(config, workdir: str) -> dict:
         from cpsl_jax.train import loop
 
         return loop.train(config, workdir)
-    if stage == "demo":
-        from cpsl_jax import demo
-
-        return demo.run(config, workdir)
     from cpsl_jax import tools
 
     return tools.run(config, workdir)

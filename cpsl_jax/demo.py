@@ -1,0 +1,346 @@
+"""The end-to-end demo on the built-in synthetic domains: every stage, one command, a table.
+
+    python -m cpsl_jax.demo --config=configs/demo.py --workdir=runs/demo
+    python -m cpsl_jax.demo --config=configs/demo.py --workdir=runs/study --seeds=0,1,2 --ablations
+
+The config file names its stages (``STAGES``), the ones to report (``REPORTED``) and gives
+each stage's config through ``get_config("STAGE,RUNS")``, as ``launch/pipeline.sh`` runs a
+task config stage after stage; here they run in one process, so imports and compiled
+programs are shared, and JAX's persistent compilation cache keeps them for the next run. A
+stage whose ``summary.json`` exists is skipped, so an interrupted demo continues where it
+stopped.
+
+Afterwards every reported model is evaluated on the target val split and the demo writes
+``<workdir>/results.json`` and ``<workdir>/results.md`` (target mIoU, the mIoU of the
+rarest third of the classes and per-class IoU after each stage) and ``<workdir>/demo.png``
+(one row per val image: input | ground truth | each reported model). With several seeds
+each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one CPSL
+component switched off (``ABLATIONS``) that share the seed's warm-up and pseudo labels.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from cpsl_jax import defaults, visualize
+from cpsl_jax.data import layouts
+
+log = logging.getLogger("cpsl_jax.demo")
+
+# Stage-1 ablations: name -> (title, config overrides).
+ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "uniform_prior": ("no class balance (uniform Sinkhorn prior)", {"cpsl.class_balanced": False}),
+    "no_rectification": ("no prototype rectification", {"cpsl.rectify": False}),
+    "no_consistency": ("no consistency loss", {"cpsl.consistency_weight": 0.0}),
+    "no_contrastive": ("no contrastive term", {"cpsl.contrastive_weight": 0.0}),
+}
+SHORT_NAMES = {"sidewalk": "sidew.", "building": "build.", "traffic light": "light", "traffic sign": "sign",
+               "vegetation": "veget.", "terrain": "terr.", "person": "pers.", "motorcycle": "motor.",
+               "bicycle": "bike"}
+DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cpsl_jax", "jax")
+
+
+def load_config_module(path: str):
+    """The config file as a module (its ``get_config``, ``STAGES``, ``REPORTED``)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"cpsl_demo_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("get_config", "STAGES", "REPORTED"):
+        if not hasattr(module, name):
+            raise AttributeError(f"{path} defines no {name} (a demo config needs get_config, STAGES and REPORTED)")
+    return module
+
+
+def set_key(config, dotted: str, value) -> None:
+    """``config.a.b = value`` for ``dotted='a.b'``; unknown keys fail, naming the key."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for p in parents:
+        if p not in node:
+            raise defaults.ConfigError(f"unknown config key {dotted!r}")
+        node = node[p]
+    if leaf not in node:
+        raise defaults.ConfigError(f"unknown config key {dotted!r}")
+    if isinstance(node[leaf], tuple) and isinstance(value, str):
+        value = tuple(type(node[leaf][0])(v) for v in value.split(","))
+    elif isinstance(value, str) and not isinstance(node[leaf], str):
+        value = type(node[leaf])(json.loads(value.lower()) if isinstance(node[leaf], bool) else value)
+    node[leaf] = value
+
+
+def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dict[str, Any],
+                 steps: int = 0):
+    """The config of one demo stage: the file's, with the seed, the overrides and a step cap."""
+    config = module.get_config(f"{stage},{runs}")
+    config.seed = seed
+    for key, value in overrides.items():
+        only, sep, key = key.rpartition(":")  # 'stage1:optim.base_lr' changes stage 1 only
+        if sep and only not in module.STAGES:
+            raise defaults.ConfigError(f"override {only}:{key}: {only!r} is not a stage of the demo "
+                                       f"({', '.join(module.STAGES)})")
+        if not sep or only == stage:
+            set_key(config, key, value)
+    if steps and config.stage in ("warmup", "stage1", "stage2", "stage3"):
+        config.train.steps = min(config.train.steps, steps)
+        config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
+    return config
+
+
+def run_stage(config, workdir: Path) -> dict:
+    """Run one stage unless its ``summary.json`` is there; returns the summary."""
+    from cpsl_jax import main
+
+    summary_file = workdir / "summary.json"
+    if summary_file.exists():
+        log.info("%s: done already (%s)", workdir.name, summary_file)
+        return json.loads(summary_file.read_text())
+    t0 = time.perf_counter()
+    log.info("== %s -> %s", workdir.name, workdir)
+    out = main.run(config, str(workdir))
+    log.info("== %s finished in %.0f s", workdir.name, time.perf_counter() - t0)
+    return out
+
+
+def _model_file(workdir: Path) -> Path:
+    return workdir / "model.msgpack"
+
+
+def evaluate_models(configs: dict[str, Any], workdirs: dict[str, Path]) -> dict[str, dict]:
+    """Target val confusion matrix and IoUs of each stage's final model."""
+    from cpsl_jax.train import parallel
+    from cpsl_jax.train.io import load_variables, open_split
+    from cpsl_jax.train.loop import evaluate_variables
+
+    mesh = parallel.make_mesh()
+    out = {}
+    for name, config in configs.items():
+        variables = load_variables(config, str(_model_file(workdirs[name])))["variables"]
+        val = open_split(config, "target", "val")
+        result = evaluate_variables(config, variables, val, mesh)
+        out[name] = {"miou": float(result["miou"]), "per_class_iou": np.asarray(result["per_class_iou"], float),
+                     "pixel_accuracy": float(result["pixel_accuracy"]),
+                     "confusion_matrix": np.asarray(result["confusion_matrix"])}
+        log.info("%s: target mIoU %.2f", name, 100 * out[name]["miou"])
+    return out
+
+
+def rarest_third(confusion: np.ndarray) -> list[int]:
+    """The third (rounded up) of the classes present in the ground truth with the fewest pixels."""
+    counts = np.asarray(confusion).sum(axis=1)
+    present = [int(i) for i in np.argsort(counts, kind="stable") if counts[i] > 0]
+    return sorted(present[:math.ceil(len(present) / 3)])
+
+
+def _nanmean(x) -> float:
+    x = np.asarray(x, float)
+    return float(np.nanmean(x)) if np.isfinite(x).any() else float("nan")
+
+
+def summarise(results: dict[str, dict], rare: Sequence[int]) -> dict[str, dict]:
+    """JSON-ready rows: mIoU, rare-third mIoU and per-class IoU (percent)."""
+    return {name: {"miou": 100 * r["miou"], "rare_miou": 100 * _nanmean(r["per_class_iou"][list(rare)]),
+                   "pixel_accuracy": 100 * r["pixel_accuracy"],
+                   "per_class_iou": [None if not np.isfinite(v) else 100 * float(v) for v in r["per_class_iou"]]}
+            for name, r in results.items()}
+
+
+def _fmt(v) -> str:
+    return "—" if v is None or not np.isfinite(v) else f"{v:.1f}"
+
+
+def stage_table(rows: dict[str, dict], titles: dict[str, str], names: Sequence[str], rare: Sequence[int]) -> str:
+    """Markdown: one row per model, mIoU, rare-third mIoU and per-class IoU."""
+    short = [SHORT_NAMES.get(n, n) + ("*" if i in rare else "") for i, n in enumerate(names)]
+    head = "| model | mIoU | rare mIoU | " + " | ".join(short) + " |"
+    lines = [head, "|" + "---|" * (3 + len(names))]
+    for name, row in rows.items():
+        cells = [titles.get(name, name), _fmt(row["miou"]), _fmt(row["rare_miou"])]
+        cells += [_fmt(v) for v in row["per_class_iou"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Target val IoU (%). `*`: the rarest third of the classes in the val ground truth "
+                 "(rare mIoU averages them).")
+    return "\n".join(lines)
+
+
+def study_table(per_seed: dict[int, dict[str, dict]], titles: dict[str, str], key: str) -> str:
+    """Markdown: one row per model, one column per seed and the mean, for ``key``."""
+    seeds = sorted(per_seed)
+    names = list(per_seed[seeds[0]])
+    lines = ["| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+             "|" + "---|" * (len(seeds) + 2)]
+    for name in names:
+        vals = [per_seed[s][name][key] if name in per_seed[s] else float("nan") for s in seeds]
+        lines.append(f"| {titles.get(name, name)} | " + " | ".join(_fmt(v) for v in vals) +
+                     f" | {_fmt(_nanmean(vals))} |")
+    return "\n".join(lines)
+
+
+def prediction_panels(configs: dict[str, Any], workdirs: dict[str, Path], titles: dict[str, str], count: int,
+                      out_dir: Path, scale: int = 2) -> Path | None:
+    """``count`` val images, one row each: input | ground truth | each model; returns the grid PNG."""
+    if count <= 0:
+        return None
+    import jax
+    import jax.numpy as jnp
+
+    from cpsl_jax import evaluate
+    from cpsl_jax.train import state as state_lib
+    from cpsl_jax.train.io import load_variables, open_split
+
+    first = next(iter(configs.values()))
+    num_classes = first.model.num_classes
+    colors = visualize.palette(num_classes)
+    val = open_split(first, "target", "val")
+    items = [val[i] for i in range(min(count, len(val)))]
+    preds: dict[str, list[np.ndarray]] = {}
+    for name, config in configs.items():
+        model = state_lib.build_model(config, axis_name=None)
+        variables = load_variables(config, str(_model_file(workdirs[name])))["variables"]
+        predict = jax.jit(lambda v, x, model=model: evaluate.predict_full_res(
+            model.apply(v, x[None], train=False)["logits"][0], x.shape[:2]))
+        preds[name] = [np.asarray(predict(variables, jnp.asarray(it["image"], jnp.float32) / 255.0)) for it in items]
+
+    def big(a):
+        return np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)
+
+    rows = []
+    for i, it in enumerate(items):
+        panels = [big(it["image"]), big(visualize.colorize(it["label"], colors))]
+        panels += [big(visualize.colorize(preds[n][i], colors)) for n in configs]
+        row = visualize.side_by_side(panels, titles=["input", "ground truth"] + [titles.get(n, n) for n in configs])
+        visualize.save_png(str(out_dir / "predictions" / f"{it['name']}.png"), row)
+        rows.append(row)
+    grid = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows], axis=0)
+    path = out_dir / "demo.png"
+    visualize.save_png(str(path), grid)
+    return path
+
+
+def legend(num_classes: int, swatch: int = 12) -> np.ndarray:
+    """A strip with each class colour and name (for the picture)."""
+    from PIL import Image, ImageDraw
+
+    names, colors = layouts.class_names(num_classes), visualize.palette(num_classes)
+    per_row = 10
+    rows = math.ceil(num_classes / per_row)
+    img = Image.new("RGB", (per_row * 90, rows * (swatch + 4) + 2), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    for i, (n, c) in enumerate(zip(names, colors)):
+        x, y = (i % per_row) * 90 + 2, (i // per_row) * (swatch + 4) + 2
+        draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in c))
+        draw.text((x + swatch + 3, y), n[:12], fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0,), ablations: bool = False,
+             overrides: dict[str, Any] | None = None, steps: int = 0, pictures: int = 4) -> dict:
+    """Run the demo (every seed, optional ablations), evaluate, and write the tables and pictures."""
+    from cpsl_jax.train.logger import setup_logging
+
+    module = load_config_module(config_path)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = dict(overrides or {})
+    titles = dict(module.REPORTED)
+    titles.update({f"stage1_{k}": f"stage 1, {t}" for k, (t, _) in ABLATIONS.items()})
+    t_start = time.perf_counter()
+    per_seed: dict[int, dict[str, dict]] = {}
+    first_seed_runs = None
+    rare: list[int] = []
+    names: Sequence[str] = ()
+    for seed in seeds:
+        runs = workdir if len(seeds) == 1 else workdir / f"seed{seed}"
+        first_seed_runs = first_seed_runs or runs
+        configs, workdirs = {}, {}
+        for stage in module.STAGES:
+            config = stage_config(module, stage, runs, seed, overrides, steps)
+            run_stage(config, runs / stage)
+            if stage in module.REPORTED:
+                configs[stage], workdirs[stage] = config, runs / stage
+        if ablations:
+            for key, (_, changes) in ABLATIONS.items():
+                config = stage_config(module, "stage1", runs, seed, {**overrides, **changes}, steps)
+                name = f"stage1_{key}"
+                run_stage(config, runs / name)
+                configs[name], workdirs[name] = config, runs / name
+        setup_logging(workdir)
+        results = evaluate_models(configs, workdirs)
+        if not rare:
+            rare = rarest_third(next(iter(results.values()))["confusion_matrix"])
+            names = layouts.class_names(next(iter(configs.values())).model.num_classes)
+        per_seed[seed] = summarise(results, rare)
+        (runs / "results.json").write_text(json.dumps({"seed": seed, "rows": per_seed[seed]}, indent=1) + "\n")
+        if seed == seeds[0]:
+            shown = {k: configs[k] for k in module.REPORTED if k in configs}
+            picture = prediction_panels(shown, workdirs, titles, pictures, workdir)
+            if picture is not None:
+                visualize.save_png(str(workdir / "legend.png"), legend(len(names)))
+    minutes = (time.perf_counter() - t_start) / 60
+    text = [f"# CPSL demo: synthetic source -> synthetic target ({', '.join(map(str, seeds))})", ""]
+    for seed in seeds:
+        text += [f"## Seed {seed}", "", stage_table(per_seed[seed], titles, names, rare), ""]
+    if len(seeds) > 1 or ablations:
+        text += ["## Target mIoU by seed", "", study_table(per_seed, titles, "miou"), "",
+                 "## Rarest-third mIoU by seed", "", study_table(per_seed, titles, "rare_miou"), ""]
+    text.append(f"Wall time {minutes:.1f} min (this run; stages found done were not rerun).")
+    report = "\n".join(text) + "\n"
+    (workdir / "results.md").write_text(report)
+    summary = {"seeds": list(seeds), "rare_classes": [names[i] for i in rare], "rows": per_seed,
+               "class_names": list(names), "minutes": minutes}
+    (workdir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(report, flush=True)
+    return summary
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.py", help="demo config file (configs/demo.py)")
+    p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds (data stay the same)")
+    p.add_argument("--ablations", action="store_true", help="also run stage 1 without each CPSL component")
+    p.add_argument("--steps", type=int, default=0, help="cap every training stage at this many steps (tests)")
+    p.add_argument("--pictures", type=int, default=4, help="val images shown in demo.png")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key in every stage (--set cpsl.sl_weight=0.2) or in one "
+                        "(--set stage1:optim.base_lr=1e-3)")
+    a = p.parse_args(argv)
+    from cpsl_jax.train.logger import setup_logging
+
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", DEFAULT_CACHE)
+    setup_logging(a.workdir)
+    try:
+        run_demo(a.config, a.workdir, seeds=[int(s) for s in a.seeds.split(",") if s.strip()],
+                 ablations=a.ablations, overrides=_parse_overrides(a.set), steps=a.steps, pictures=a.pictures)
+    except (defaults.ConfigError, FileNotFoundError) as err:
+        raise SystemExit(f"error: {err}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The end-to-end demo (configs/demo.py) shortened to a few steps per stage, with a narrower network
+and 8 images per split: every stage runs in one process, chains its artifacts, and the demo writes
+its table and pictures. (The full demo, and whether CPSL gains, is measured in the README, not here.)"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cpsl_jax import defaults, demo
+from cpsl_jax.data.pseudo_labels import PseudoLabelStore
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = str(ROOT / "configs" / "demo.py")
+SMALL = {"model.width": 8, "model.head_width": 32, "data.synthetic.length": 8, "data.eval_batch_size": 4}
+
+
+def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp_path):
+    runs = tmp_path / "demo"
+    summary = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=2)
+    module = demo.load_config_module(CONFIG)
+    c = 19
+    # Every stage ran, in order, and left its summary.
+    for stage in module.STAGES:
+        assert (runs / stage / "summary.json").exists(), stage
+    for stage in ("source_only", "warmup", "stage1", "stage2"):
+        s = json.loads((runs / stage / "summary.json").read_text())
+        assert s["step"] == 2 and (runs / stage / "model.msgpack").exists()
+    # The artifacts chained between the stages.
+    art = runs / "artifacts"
+    soft = PseudoLabelStore(art / "soft")
+    assert len(soft.names("soft")) == 8
+    probs = soft.read_soft(soft.names("soft")[0]).astype(np.float32)
+    assert probs.shape[0] == c and np.allclose(probs.sum(0), 1, atol=1e-2)
+    prototypes, prior = np.load(art / "prototypes.npy"), np.load(art / "class_distribution.npy")
+    assert prototypes.shape == (c, 32) and abs(prior.sum() - 1) < 1e-5
+    hard = PseudoLabelStore(art / "hard_stage1")
+    label, _ = hard.read_hard(hard.names("hard")[0], threshold=None)
+    assert label.shape == (96, 192) and label.max() < c
+    # The table: one row per reported model, with mIoU, rare-third mIoU and 19 per-class IoUs.
+    rows = summary["rows"][0]
+    assert list(rows) == list(module.REPORTED)
+    for row in rows.values():
+        assert 0.0 <= row["miou"] <= 100.0 and len(row["per_class_iou"]) == c
+        present = [v for v in row["per_class_iou"] if v is not None]
+        assert abs(np.mean(present) - row["miou"]) < 1e-6  # mIoU is the mean over classes that occur
+    rare = summary["rare_classes"]
+    assert 0 < len(rare) <= c // 3 + 1 and set(rare) <= set(summary["class_names"])
+    table = (runs / "results.md").read_text()
+    for title in module.REPORTED.values():
+        assert f"| {title} |" in table
+    assert table.count("\n| ") >= 1 + len(module.REPORTED)
+    # The picture: one row per image, input | ground truth | each reported model (2x upscaled).
+    grid = np.asarray(Image.open(runs / "demo.png"))
+    assert grid.shape[1] >= (2 + len(module.REPORTED)) * 192 * 2 and grid.shape[0] >= 2 * 96 * 2
+    assert len(list((runs / "predictions").glob("*.png"))) == 2
+    # Rerunning finds every stage done and only re-evaluates.
+    again = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=0)
+    assert again["rows"][0]["stage1"]["miou"] == pytest.approx(rows["stage1"]["miou"])
+
+
+def test_demo_overrides_name_unknown_keys():
+    module = demo.load_config_module(CONFIG)
+    with pytest.raises(defaults.ConfigError, match="cpsl.sl_wieght"):
+        demo.stage_config(module, "stage1", "runs/x", 0, {"cpsl.sl_wieght": "0.2"})
+    config = demo.stage_config(module, "stage1", "runs/x", 3, {"cpsl.sl_weight": "0.2", "cpsl.rectify": "false",
+                                                             "data.crop_size": "64,32"}, steps=5)
+    assert config.cpsl.sl_weight == 0.2 and config.cpsl.rectify is False and config.data.crop_size == (64, 32)
+    assert config.seed == 3 and config.train.steps == 5
