@@ -13,9 +13,9 @@ stopped.
 Afterwards every reported model is evaluated on the target val split and the demo writes
 ``<workdir>/results.json`` and ``<workdir>/results.md`` (target mIoU, the mIoU of the
 rarest third of the classes and per-class IoU after each stage) and ``<workdir>/demo.png``
-(one row per val image: input | ground truth | each reported model). With several seeds
-each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one CPSL
-component switched off (``ABLATIONS``) that share the seed's warm-up and pseudo labels.
+(one row per val image: input | ground truth | each reported model, and a colour key). With
+several seeds each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one
+CPSL component switched off (``ABLATIONS``) that share the seed's warm-up and pseudo labels.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "no_consistency": ("no consistency loss", {"cpsl.consistency_weight": 0.0}),
     "no_contrastive": ("no contrastive term", {"cpsl.contrastive_weight": 0.0}),
 }
-SHORT_NAMES = {"sidewalk": "sidew.", "building": "build.", "traffic light": "light", "traffic sign": "sign",
+SHORT_NAMES = {"sidewalk": "sidew.", "building": "build.", "traffic_light": "light", "traffic_sign": "sign",
                "vegetation": "veget.", "terrain": "terr.", "person": "pers.", "motorcycle": "motor.",
                "bicycle": "bike"}
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cpsl_jax", "jax")
@@ -222,6 +222,9 @@ def prediction_panels(configs: dict[str, Any], workdirs: dict[str, Path], titles
         row = visualize.side_by_side(panels, titles=["input", "ground truth"] + [titles.get(n, n) for n in configs])
         visualize.save_png(str(out_dir / "predictions" / f"{it['name']}.png"), row)
         rows.append(row)
+    key = legend(num_classes)
+    key = np.pad(key, ((0, 0), (0, max(0, rows[0].shape[1] - key.shape[1])), (0, 0)), constant_values=255)
+    rows.append(key[:, :rows[0].shape[1]])
     grid = np.concatenate([np.pad(r, ((0, 4), (0, 0), (0, 0)), constant_values=255) for r in rows], axis=0)
     path = out_dir / "demo.png"
     visualize.save_png(str(path), grid)
@@ -235,12 +238,12 @@ def legend(num_classes: int, swatch: int = 12) -> np.ndarray:
     names, colors = layouts.class_names(num_classes), visualize.palette(num_classes)
     per_row = 10
     rows = math.ceil(num_classes / per_row)
-    img = Image.new("RGB", (per_row * 90, rows * (swatch + 4) + 2), (255, 255, 255))
+    img = Image.new("RGB", (per_row * 100, rows * (swatch + 4) + 2), (255, 255, 255))
     draw = ImageDraw.Draw(img)
     for i, (n, c) in enumerate(zip(names, colors)):
-        x, y = (i % per_row) * 90 + 2, (i // per_row) * (swatch + 4) + 2
+        x, y = (i % per_row) * 100 + 2, (i // per_row) * (swatch + 4) + 2
         draw.rectangle([x, y, x + swatch, y + swatch], fill=tuple(int(v) for v in c))
-        draw.text((x + swatch + 3, y), n[:12], fill=(0, 0, 0))
+        draw.text((x + swatch + 3, y), n, fill=(0, 0, 0))
     return np.asarray(img)
 
 
@@ -284,9 +287,7 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
         (runs / "results.json").write_text(json.dumps({"seed": seed, "rows": per_seed[seed]}, indent=1) + "\n")
         if seed == seeds[0]:
             shown = {k: configs[k] for k in module.REPORTED if k in configs}
-            picture = prediction_panels(shown, workdirs, titles, pictures, workdir)
-            if picture is not None:
-                visualize.save_png(str(workdir / "legend.png"), legend(len(names)))
+            prediction_panels(shown, workdirs, titles, pictures, workdir)
     minutes = (time.perf_counter() - t_start) / 60
     text = [f"# CPSL demo: synthetic source -> synthetic target ({', '.join(map(str, seeds))})", ""]
     for seed in seeds:
