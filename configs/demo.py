@@ -11,7 +11,7 @@ with ``cpsl_jax.main``, as for the paper's configs). The stages use the same cod
 * network: ResNet of depth 14 (one bottleneck per stage) and width 16, 64-wide ASPP head,
   trained from scratch (no ImageNet / SimCLR weights exist for it);
 * stage 1: 32 sampled pixels per image (a crop has 7x13 = 91 output pixels), a queue of
-  1024 rows that fills after 8 of the 240 steps (the paper's 65,536 rows fill after 64 of
+  1024 rows that fills after 8 of the 300 steps (the paper's 65,536 rows fill after 64 of
   its 90,000 steps; both well within the first tenth);
 * learning rates are higher and schedules shorter than the paper's, for a network trained
   from scratch for a few hundred steps.
@@ -32,7 +32,7 @@ STAGES = ("source_only", "warmup", "soft_labels", "prototypes", "class_distribut
 REPORTED = {"source_only": "source only", "warmup": "warm-up (adversarial)", "stage1": "stage 1 (CPSL)",
             "stage2": "stage 2 (distillation)"}
 
-STEPS = {"source_only": 1500, "warmup": 200, "stage1": 300, "stage2": 300}
+STEPS = {"source_only": 800, "warmup": 150, "stage1": 300, "stage2": 300}
 LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage2": 2.5e-3}
 
 
