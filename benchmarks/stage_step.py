@@ -12,8 +12,6 @@ Prints compile time, median ms per step, images/s and XLA's memory figures as it
 from __future__ import annotations
 
 import argparse
-import functools
-import importlib.util
 import json
 import statistics
 import time
@@ -21,56 +19,16 @@ import time
 import jax
 import numpy as np
 
-from cpsl_jax.train import parallel, steps
-from cpsl_jax.train import state as state_lib
-from cpsl_jax.train.io import init_variables
+from cpsl_jax.benchmark import build_jax_step, load_config, random_batch
+from cpsl_jax.train import parallel
 
 
 def log(*a):
     print(*a, flush=True)
 
 
-def load_config(path: str, stage: str):
-    spec = importlib.util.spec_from_file_location("bench_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
-
-
-def random_batch(config, rng):
-    b = config.data.batch_size
-    c = config.model.num_classes
-    sw, sh = config.data.source_base_size
-    tw, th = config.data.target_base_size
-    model = state_lib.build_model(config, axis_name=None)
-    out_hw = jax.eval_shape(lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0]["logits"],
-                            jax.ShapeDtypeStruct((1, th, tw, 3), np.float32)).shape[1:3]
-    soft = rng.random((b, c, *out_hw), dtype=np.float32)
-    return {"source": {"image": rng.integers(0, 256, (b, sh, sw, 3), dtype=np.uint8),
-                       "label": rng.integers(0, c, (b, sh, sw)).astype(np.uint8),
-                       "target_lab": np.tile(np.array([[50.0, 0.0, 0.0], [20.0, 10.0, 10.0]], np.float32), (b, 1, 1))},
-            "target": {"image": rng.integers(0, 256, (b, th, tw, 3), dtype=np.uint8),
-                       "soft_label": (soft / soft.sum(1, keepdims=True)).astype(np.float16),
-                       "pseudo_label": rng.integers(0, c, (b, th, tw)).astype(np.uint8)}}
-
-
-def build(config):
-    tx = state_lib.make_optimizer(config)
-    variables = init_variables(config, jax.random.PRNGKey(0))
-    model = state_lib.build_model(config)
-    c, d = config.model.num_classes, config.model.head_width
-    if config.stage == "stage1":
-        rng = np.random.default_rng(0)
-        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(0),
-                                       prototypes=rng.standard_normal((c, d)).astype(np.float32),
-                                       class_prior=np.full((c,), 1.0 / c, np.float32))
-        fn = functools.partial(steps.stage1_step, model=model, tx=tx, config=config)
-    else:
-        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(0), teacher=variables)
-        fn = functools.partial(steps.distill_step, model=model,
-                               teacher_model=state_lib.build_model(config, axis_name=None, bn_pretrain=False),
-                               tx=tx, config=config)
-    return fn, state
+# The config loader, random batch and step builder are the side-by-side benchmark's.
+build = build_jax_step
 
 
 def main():
@@ -82,7 +40,7 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--queue-size", type=int, default=0, help="override cpsl.queue_size (0: the config's)")
     p.add_argument("--remat", action="store_true", help="rematerialise every bottleneck block (model.remat)")
-    p.add_argument("--no-scan", action="store_true", help="separate student passes (train.scan_passes=False)")
+    p.add_argument("--scan", action="store_true", help="student passes as one lax.scan (train.scan_passes=True)")
     p.add_argument("--compile-only", action="store_true", help="report compile time and XLA memory, do not run")
     p.add_argument("--json", default=None)
     a = p.parse_args()
@@ -94,7 +52,7 @@ def main():
         config = load_config(a.config, stage)
         config.model.dtype, config.model.dilated_impl = a.dtype, a.dilated_impl
         config.data.colour_transfer = config.data.colour_transfer and stage != "stage2"
-        config.model.remat, config.train.scan_passes = a.remat, not a.no_scan
+        config.model.remat, config.train.scan_passes = a.remat, a.scan
         if a.queue_size:
             config.cpsl.queue_size = a.queue_size
         fn, state = build(config)
@@ -115,10 +73,10 @@ def main():
         # Arguments (the donated state and the batch) + temporaries + outputs not aliased to an argument.
         total = temp + args + gib("output_size_in_bytes") - gib("alias_size_in_bytes")
         log(f"[{stage}] compiled in {t2 - t1:.1f} s; XLA temp {temp:.2f} GiB, arguments {args:.2f} GiB, "
-            f"total {total:.2f} GiB (remat={a.remat}, scan={not a.no_scan})")
+            f"total {total:.2f} GiB (remat={a.remat}, scan={a.scan})")
         if a.compile_only:
             rows.append(dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, temp_gib=temp, argument_gib=args,
-                             total_gib=total, remat=a.remat, scan=not a.no_scan))
+                             total_gib=total, remat=a.remat, scan=a.scan))
             if a.json:
                 with open(a.json, "w") as f:
                     json.dump(dict(device=dev.device_kind, dtype=a.dtype, rows=rows), f, indent=1)
@@ -132,7 +90,7 @@ def main():
             jax.block_until_ready(state)
             times.append(time.perf_counter() - t)
         ms = 1e3 * statistics.median(times)
-        row = dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, ms=ms, remat=a.remat, scan=not a.no_scan,
+        row = dict(stage=stage, lower_s=t1 - t0, compile_s=t2 - t1, ms=ms, remat=a.remat, scan=a.scan,
                    images_per_s=config.data.batch_size / (ms / 1e3), temp_gib=temp, argument_gib=args,
                    total_gib=total,
                    loss=float(m["loss"]))
