@@ -39,9 +39,7 @@ def open_split(config: mlc.ConfigDict, domain: str, split: str):
 def init_variables(config: mlc.ConfigDict, rng: jax.Array, *, bn_pretrain: bool | None = None) -> dict:
     """Fresh variables of the configured network (the reference's initialisation)."""
     model = state_lib.build_model(config, axis_name=None, bn_pretrain=bn_pretrain)
-    # Jitted: run op by op, the initialisation of a ResNet-101 compiles hundreds of tiny programs.
-    init = jax.jit(lambda key: model.init(key, jnp.zeros((1, 65, 65, 3), jnp.float32), train=False))
-    return dict(init(rng))
+    return dict(model.init(rng, jnp.zeros((1, 65, 65, 3), jnp.float32), train=False))
 
 
 def init_discriminator(config: mlc.ConfigDict, rng: jax.Array) -> dict:
