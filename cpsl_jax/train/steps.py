@@ -73,31 +73,38 @@ def _apply(model, params, batch_stats, images, *, train: bool, key: jax.Array | 
     return out, mutated["batch_stats"]
 
 
-def _student_passes(model, params, batch_stats, views, keys, *, scan: bool):
+class _StudentPasses:
     """Training-mode forwards of the student on each view, one after the other.
 
-    ``views`` is a list of same-shape image batches and ``keys`` their dropout keys. Each pass
-    normalises with its own batch statistics and updates the running ones in turn, exactly as
-    separate calls do. With ``scan`` the passes are one ``lax.scan`` over the stacked views: the
-    network is compiled once instead of once per view, which shortens compilation, but XLA then
-    keeps every pass's activations in stacked loop buffers and schedules the loop as a unit,
-    which on a GPU costs time and memory (``train.scan_passes`` in ``cpsl_jax/defaults.py``).
-    Returns ``(list of outputs, batch statistics after the last pass)``. The warm-up
-    has 2 passes, stage 1 has 3 and stages 2/3 have 2.
+    ``views`` is a list of same-shape image batches and ``keys`` their dropout keys; ``next()``
+    gives the next view's output and ``stats`` the batch statistics after the passes so far.
+    Each pass normalises with its own batch statistics and updates the running ones in turn.
+    Without ``scan`` each ``next()`` is a separate call, placed where the step asks for it. With
+    ``scan`` all passes run at the first ``next()`` as one ``lax.scan`` over the stacked views:
+    the network is compiled once instead of once per view, which shortens compilation, but XLA
+    then keeps every pass's activations in stacked loop buffers and schedules the loop as a
+    unit, which on a GPU costs time and memory (``train.scan_passes`` in
+    ``cpsl_jax/defaults.py``). The warm-up has 2 passes, stage 1 has 3 and stages 2/3 have 2.
     """
-    if not scan:
-        outs = []
-        for x, k in zip(views, keys):
-            out, batch_stats = _apply(model, params, batch_stats, x, train=True, key=k)
-            outs.append(out)
-        return outs, batch_stats
 
-    def body(stats, xs):
-        out, stats = _apply(model, params, stats, xs[0], train=True, key=xs[1])
-        return stats, out
+    def __init__(self, model, params, batch_stats, views, keys, *, scan: bool):
+        self._model, self._params, self._views, self._keys, self._scan = model, params, views, keys, scan
+        self.stats, self._done, self._outs = batch_stats, 0, None
 
-    batch_stats, stacked = lax.scan(body, batch_stats, (jnp.stack(views), jnp.stack(keys)))
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(len(views))], batch_stats
+    def next(self) -> dict:
+        i = self._done
+        self._done += 1
+        if not self._scan:
+            out, self.stats = _apply(self._model, self._params, self.stats, self._views[i], train=True,
+                                     key=self._keys[i])
+            return out
+        if self._outs is None:
+            def body(stats, xs):
+                out, stats = _apply(self._model, self._params, stats, xs[0], train=True, key=xs[1])
+                return stats, out
+
+            self.stats, self._outs = lax.scan(body, self.stats, (jnp.stack(self._views), jnp.stack(self._keys)))
+        return jax.tree.map(lambda a: a[i], self._outs)
 
 
 def _psum(tree, axis_name):
@@ -183,9 +190,12 @@ def warmup_step(state: TrainState, batch: Batch, *, model, discriminator, tx, di
         return jnp.sum(jnp.square(out - label)) / (out[0].size * n_global)
 
     def loss_fn(params):
-        (out, out_t), stats = _student_passes(model, params["model"], state.batch_stats, [src_img, tgt_img],
-                                              [k_drop1, k_drop2], scan=config.train.scan_passes)
+        passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, tgt_img], [k_drop1, k_drop2],
+                                scan=config.train.scan_passes)
+        out = passes.next()
         seg = _segmentation_loss(out["logits"], src_lbl, config, rce=False, axis_name=axis_name)
+        out_t = passes.next()
+        stats = passes.stats
         tgt_probs = jax.nn.softmax(ops.resize_bilinear(out_t["logits"], crop_hw), axis=-1)
         adv = disc_mse(state.disc_params, tgt_probs, 0.0)
         src_probs = jax.nn.softmax(ops.resize_bilinear(out["logits"], crop_hw), axis=-1)
@@ -263,10 +273,11 @@ def stage1_step(state: TrainState, batch: Batch, *, model, tx, config, axis_name
     t_scores_strong, strong_valid = augment.move_to_strong(t_scores, strong, translate_quirk=c.translate_quirk)
 
     def loss_fn(params):
-        (out_s, out_w, out_st), stats = _student_passes(model, params["model"], state.batch_stats,
-                                                        [src_img, mixed_img, strong_img], [k_d1, k_d2, k_d3],
-                                                        scan=config.train.scan_passes)
+        passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, mixed_img, strong_img],
+                                [k_d1, k_d2, k_d3], scan=config.train.scan_passes)
+        out_s = passes.next()
         source_ce = _segmentation_loss(out_s["logits"], src_lbl, config, rce=False, axis_name=axis_name)
+        out_w = passes.next()
         target_ce = _segmentation_loss(out_w["logits"], target_lbl, config, rce=c.rce, axis_name=axis_name)
         sl, fq, oq = cpsl.self_labeling_loss(
             sl_feats, sl_logits, params["prototypes"], state.feature_queue, state.output_queue, push_labels,
@@ -278,6 +289,8 @@ def stage1_step(state: TrainState, batch: Batch, *, model, tx, config, axis_name
         a_labels = cpsl.anchor_labels(a_map, idx, out_w["features"].shape[1:3], quirk=c.anchor_label_quirk)
         contrast = cpsl.contrastive_share(anchors, a_labels, fq.rows, fq.labels, c.temperature, axis_name)
         contrast = jnp.where(fq.was_in_use & ~apply_cutmix, contrast, 0.0)
+        out_st = passes.next()
+        stats = passes.stats
         s_scores = cpsl.cosine_scores(ops.resize_bilinear(out_st["features"], quarter), state.prototypes_ema)
         consistency = cpsl.prototype_consistency(t_scores_strong, s_scores, strong_valid[..., None],
                                                  c.temperature, axis_name)
@@ -329,9 +342,12 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
     t_logits = lax.stop_gradient(ops.resize_bilinear(t_out["logits"], quarter))
 
     def loss_fn(params):
-        (out_s, out_t), stats = _student_passes(model, params["model"], state.batch_stats, [src_img, strong_img],
-                                                [k_d1, k_d2], scan=config.train.scan_passes)
+        passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, strong_img], [k_d1, k_d2],
+                                scan=config.train.scan_passes)
+        out_s = passes.next()
         source_ce = _segmentation_loss(out_s["logits"], src_lbl, config, rce=False, axis_name=axis_name)
+        out_t = passes.next()
+        stats = passes.stats
         s_logits = ops.resize_bilinear(out_t["logits"], quarter)
         target_ce = _segmentation_loss(s_logits, label, config, rce=config.kd.rce, axis_name=axis_name)
         kd = cpsl.distillation_kl(s_logits, t_logits, quirk=config.kd.quirk, axis_name=axis_name)
