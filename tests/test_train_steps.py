@@ -191,3 +191,29 @@ def test_scanned_student_passes_equal_separate_passes():
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
                          scanned.batch_stats, jax.device_get(initial.batch_stats))
     assert max(jax.tree.leaves(moved)) > 1e-3
+
+
+def test_source_only_warmup_step_is_the_adversarial_step_without_target():
+    """With ``adv.weight == 0`` the warm-up step trains on source labels alone: its parameter
+    update is the adversarial step's with a vanishing weight, the discriminator keeps its
+    parameters and the running statistics move by the source pass only (one momentum update
+    toward the source batch, where the adversarial step also folds in the target's)."""
+    batch = make_batch(tiny_config("warmup"), np.random.default_rng())
+    only, h_only = run(tiny_config("warmup", **{"adv.weight": 0.0}), [batch], devices=1)
+    tiny, h_tiny = run(tiny_config("warmup", **{"adv.weight": 1e-30}), [batch], devices=1)
+    _, initial = build(tiny_config("warmup"))
+    initial = jax.device_get(initial)
+    np.testing.assert_allclose(h_only[0]["source_ce"], h_tiny[0]["source_ce"], rtol=1e-6)
+    assert h_only[0]["adv"] == h_only[0]["disc"] == 0.0 and h_tiny[0]["disc"] > 0
+    for a, b in zip(jax.tree.leaves(only.params), jax.tree.leaves(tiny.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(jax.tree.leaves(only.disc_params), jax.tree.leaves(initial.disc_params)):
+        np.testing.assert_array_equal(a, b)
+    assert any(np.abs(a - b).max() > 0 for a, b in zip(jax.tree.leaves(tiny.disc_params),
+                                                        jax.tree.leaves(initial.disc_params)))
+    # Running mean of the first BatchNorm: (1 - m) * initial + m * source batch mean, where the
+    # adversarial step applies a second update with the target batch's mean on top.
+    m0 = np.asarray(jax.tree.leaves(initial.batch_stats)[0])
+    m_only = np.asarray(jax.tree.leaves(only.batch_stats)[0])
+    m_tiny = np.asarray(jax.tree.leaves(tiny.batch_stats)[0])
+    assert np.abs(m_only - m0).max() > 1e-3 and np.abs(m_tiny - m_only).max() > 1e-3

@@ -189,6 +189,10 @@ def warmup_step(state: TrainState, batch: Batch, *, model, discriminator, tx, di
         # MSE over all outputs of the global batch: local sum / global element count.
         return jnp.sum(jnp.square(out - label)) / (out[0].size * n_global)
 
+    if config.adv.weight == 0:
+        return _source_only_update(state, src_img, src_lbl, k_drop1, model=model, tx=tx, config=config,
+                                   axis_name=axis_name)
+
     def loss_fn(params):
         passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, tgt_img], [k_drop1, k_drop2],
                                 scan=config.train.scan_passes)
@@ -214,6 +218,24 @@ def warmup_step(state: TrainState, batch: Batch, *, model, discriminator, tx, di
     new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state,
                         disc_params=optax.apply_updates(state.disc_params, d_updates), disc_opt_state=disc_opt_state)
     metrics = _psum({"loss": loss, "source_ce": seg, "adv": adv, "disc": d_loss}, axis_name)
+    metrics["grad_norm"] = gnorm
+    return new, metrics
+
+
+def _source_only_update(state: TrainState, src_img, src_lbl, key, *, model, tx, config, axis_name):
+    """The warm-up step with ``adv.weight == 0``: source cross-entropy alone. Nothing of the target
+    enters the update, so the target pass and the discriminator are skipped (it keeps its
+    parameters) and the running batch statistics are the source's only."""
+
+    def loss_fn(params):
+        out, stats = _apply(model, params["model"], state.batch_stats, src_img, train=True, key=key)
+        return _segmentation_loss(out["logits"], src_lbl, config, rce=False, axis_name=axis_name), stats
+
+    (seg, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    params, opt_state, gnorm = _apply_gradients(state, grads, tx, axis_name)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+    zero = jnp.zeros((), jnp.float32)
+    metrics = _psum({"loss": seg, "source_ce": seg, "adv": zero, "disc": zero}, axis_name)
     metrics["grad_norm"] = gnorm
     return new, metrics
 
