@@ -262,3 +262,21 @@ def test_repr_is_stable_and_names_the_dataset():
     b = synthetic.SyntheticDataset('target', 'val', seed=4, size=(32, 64), length=3)
     assert repr(a) == repr(b) and 'target' in repr(a) and '0x' not in repr(a)
     assert repr(synthetic.SyntheticDataset('target', 'val', seed=5, size=(32, 64), length=3)) != repr(a)
+
+
+def test_object_scale_widens_small_classes_only():
+    """``object_scale`` enlarges people, two-wheelers, pole widths, signs, lights, walls and
+    fences; the street itself (horizon, road, sky) and the vehicles stay where they were."""
+    def frequencies(scale):
+        ds = SyntheticDataset('source', 'train', seed=5, size=(96, 192), object_scale=scale, length=40)
+        labels = np.stack([ds[i]['label'] for i in range(len(ds))])
+        return np.bincount(labels.ravel(), minlength=256)[:19] / labels.size, ds
+
+    base, _ = frequencies(1.0)
+    big, ds = frequencies(2.5)
+    small_classes = (3, 4, 5, 6, 7, PERSON, RIDER, MOTORCYCLE, BICYCLE)
+    assert all(big[c] > 1.5 * base[c] for c in small_classes), (base, big)
+    assert abs(big[CAR] - base[CAR]) < 0.2 * base[CAR]
+    assert 'object_scale=2.5' in repr(ds) and 'object_scale' not in repr(SyntheticDataset('source', 'val'))
+    with pytest.raises(ValueError, match='object_scale'):
+        SyntheticDataset('source', 'val', object_scale=0)

@@ -278,9 +278,12 @@ def _draw_vehicle(cv: _Canvas, cx: float, yb: float, s: float, cls: int, rng: Rn
             cv.poly(_rect(cx + w * 0.3, yb - 0.8 * hgt, cx + w * 0.45, yb - 0.6 * hgt), kw)
 
 
-def _draw_pole(cv: _Canvas, cx: float, yb: float, s: float, rng: Rng, to_road: float) -> None:
-    """Pole with, sometimes, a traffic sign or a traffic light near its top."""
+def _draw_pole(cv: _Canvas, cx: float, yb: float, s: float, rng: Rng, to_road: float,
+               scale: float = 1.0) -> None:
+    """Pole with, sometimes, a traffic sign or a traffic light near its top; ``scale`` widens
+    the pole and enlarges the sign or light."""
     hgt = rng.uniform(3.5, 6.0) * s
+    s = s * scale
     half = max(0.07 * s, 0.5)
     cv.poly(_rect(cx - half, yb - hgt, cx + half, yb), cv.new(POLE))
     u = rng.random()
@@ -377,14 +380,14 @@ def _draw_ground(cv: _Canvas, st: _Street, stats: SceneStats, rng: Rng) -> None:
                      (st.col(xm + 0.08, yb), yb), (st.col(xm - 0.08, yb), yb)], km)
 
 
-def _draw_flanks(cv: _Canvas, st: _Street, stats: SceneStats, rng: Rng) -> None:
-    """Facades, walls and fences standing on the outer sidewalk edges."""
+def _draw_flanks(cv: _Canvas, st: _Street, stats: SceneStats, rng: Rng, scale: float = 1.0) -> None:
+    """Facades, walls and fences (``scale`` times their height) on the outer sidewalk edges."""
     for x_m in (st.side_l, st.side_r):
         if rng.random() < stats.facade_p:
             _draw_wall_strip(cv, st, x_m, rng.uniform(0.02, 0.25), 4.0,
                              rng.uniform(8, 25), BUILDING, windows=True)
-        for cls, p, hgt in ((WALL, stats.wall_p, rng.uniform(1.0, 2.2)),
-                            (FENCE, stats.fence_p, rng.uniform(0.8, 1.6))):
+        for cls, p, hgt in ((WALL, stats.wall_p, scale * rng.uniform(1.0, 2.2)),
+                            (FENCE, stats.fence_p, scale * rng.uniform(0.8, 1.6))):
             if rng.random() < p:
                 t0 = rng.uniform(0.05, 0.6)
                 _draw_wall_strip(cv, st, x_m, t0, t0 + rng.uniform(0.2, 1.5), hgt, cls,
@@ -419,8 +422,10 @@ def _draw_wall_strip(cv: _Canvas, st: _Street, x_m: float, t0: float, t1: float,
         cv.paint((y0, x0, mask & ~pattern), cv.new(FENCE, TYRE))
 
 
-def _draw_objects(cv: _Canvas, st: _Street, stats: SceneStats, rng: Rng) -> None:
-    """Vehicles, people, two-wheelers, poles and trees, painted far to near."""
+def _draw_objects(cv: _Canvas, st: _Street, stats: SceneStats, rng: Rng, scale: float = 1.0) -> None:
+    """Vehicles, people, two-wheelers, poles and trees, painted far to near. People and
+    two-wheelers are ``scale`` times their metric size, and so are the width of poles and the
+    size of the signs and lights they carry (not their height)."""
     jobs = []  # (base row, draw callable)
 
     def on_ground(lo_m, hi_m, t_hi=1.05, power=1.0):
@@ -439,20 +444,20 @@ def _draw_objects(cv: _Canvas, st: _Street, stats: SceneStats, rng: Rng) -> None
     walk = [(st.side_l + 0.5, st.road_l - 0.3), (st.road_r + 0.3, st.side_r - 0.5)]
     for _ in range(rng.poisson(stats.persons)):
         cx, y, s, _ = on_ground(*walk[rng.integers(2)])
-        jobs.append((y, lambda cv, cx=cx, y=y, s=s: _draw_person(cv, cx, y, s, PERSON, rng)))
+        jobs.append((y, lambda cv, cx=cx, y=y, s=s * scale: _draw_person(cv, cx, y, s, PERSON, rng)))
     for cls, n, rider in ((BICYCLE, stats.cyclists, True), (MOTORCYCLE, stats.motorcyclists, True),
                           (BICYCLE, stats.parked_bicycles, False)):
         for _ in range(rng.poisson(n)):
             lane = road if rider else walk[rng.integers(2)]
             cx, y, s, _ = on_ground(*lane)
-            jobs.append((y, lambda cv, cx=cx, y=y, s=s, cls=cls, r=rider:
+            jobs.append((y, lambda cv, cx=cx, y=y, s=s * scale, cls=cls, r=rider:
                          _draw_two_wheeler(cv, cx, y, s, cls, rng, r)))
     for _ in range(rng.poisson(stats.poles)):
         left = rng.random() < 0.5
         x_m = (st.road_l - 0.4) if left else (st.road_r + 0.4)
         y = st.row(rng.uniform(0.05, 1.0))
         jobs.append((y, lambda cv, x=st.col(x_m, y), y=y, s=st.ppm(y), d=(1 if left else -1):
-                     _draw_pole(cv, x, y, s, rng, d)))
+                     _draw_pole(cv, x, y, s, rng, d, scale)))
     for _ in range(rng.poisson(stats.trees)):
         x_m = (st.side_l + 0.8) if rng.random() < 0.5 else (st.side_r - 0.8)
         y = st.row(rng.uniform(0.05, 0.9))
@@ -487,14 +492,18 @@ def _draw_ego(cv: _Canvas, rng: Rng) -> None:
     cv.poly(pts, cv.new(IGNORE, HOOD))
 
 
-def draw_scene(h: int, w: int, stats: SceneStats, rng: Rng) -> _Canvas:
-    """Lay out one street scene; returns the canvas (instance map, classes, keys)."""
+def draw_scene(h: int, w: int, stats: SceneStats, rng: Rng, object_scale: float = 1.0) -> _Canvas:
+    """Lay out one street scene; returns the canvas (instance map, classes, keys).
+
+    ``object_scale`` > 1 draws objects, walls and fences larger than their metric size where
+    they stand: at small image sizes it keeps thin and small classes wider than a few output
+    strides of the network, so that they can be learned at all."""
     cv = _Canvas(h, w)
     st = _sample_street(h, w, rng)
     _draw_skyline(cv, st, stats, rng)
     _draw_ground(cv, st, stats, rng)
-    _draw_flanks(cv, st, stats, rng)
-    _draw_objects(cv, st, stats, rng)
+    _draw_flanks(cv, st, stats, rng, object_scale)
+    _draw_objects(cv, st, stats, rng, object_scale)
     if rng.random() < stats.ego_p:
         _draw_ego(cv, rng)
     return cv
@@ -602,13 +611,16 @@ class SyntheticDataset:
     """
 
     def __init__(self, domain: str, split: str, num_classes: int = 19, seed: int = 0,
-                 size: Sequence[int] = (128, 256), length: int | None = None):
+                 size: Sequence[int] = (128, 256), length: int | None = None, object_scale: float = 1.0):
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if len(size) != 2 or min(size) < 16:
             raise ValueError(f'size must be (H, W) with both >= 16, got {size}')
+        if not object_scale > 0:
+            raise ValueError(f'object_scale must be positive, got {object_scale}')
+        self.object_scale = float(object_scale)
         self.domain, self.split, self.seed = domain, split, int(seed)
         self.num_classes = num_classes
         self.size = (int(size[0]), int(size[1]))
@@ -623,7 +635,8 @@ class SyntheticDataset:
     def __repr__(self) -> str:
         # Stable across processes: grain checks a restored iterator against repr(data_source).
         return (f"SyntheticDataset(domain={self.domain!r}, split={self.split!r}, num_classes={self.num_classes}, "
-                f"seed={self.seed}, size={self.size}, length={self.length})")
+                f"seed={self.seed}, size={self.size}, length={self.length}"
+                + (f", object_scale={self.object_scale}" if self.object_scale != 1.0 else "") + ")")
 
     def __len__(self) -> int:
         return self.length
@@ -647,7 +660,7 @@ class SyntheticDataset:
 
     def _draw(self, i: int) -> dict:
         rng = self.rng(i)
-        cv = draw_scene(*self.size, self._stats, rng)
+        cv = draw_scene(*self.size, self._stats, rng, self.object_scale)
         label19 = np.asarray(cv.classes, np.uint8)[cv.inst]
         if self.domain == 'source':
             image = render_source(cv, rng)
@@ -708,13 +721,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--size', type=int, nargs=2, default=(128, 256), metavar=('H', 'W'))
     p.add_argument('--num-classes', type=int, default=19, choices=sorted(LABEL_IDS))
+    p.add_argument('--object-scale', type=float, default=1.0,
+                   help='objects, walls and fences drawn this many times their metric size')
     args = p.parse_args(argv)
     splits = args.splits or (['train', 'val'] if args.layout == 'cityscapes' else ['train'])
     if args.layout == 'gta5' and len(splits) != 1:
         p.error('the gta5 layout has no split folders: give one --splits value')
     for split in splits:
         ds = SyntheticDataset(args.domain, split, args.num_classes, args.seed, args.size,
-                              args.num)
+                              args.num, args.object_scale)
         write_layout(ds, args.out, args.layout, split)
         print(f'wrote {len(ds)} {args.domain}/{split} items to {args.out} ({args.layout})')
 
