@@ -44,13 +44,11 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import ast  # noqa: E402
 import collections  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import gc  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
@@ -66,6 +64,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cpsl_jax import defaults  # noqa: E402
 from cpsl_jax.models.deeplab import ASPP_DILATIONS, EXPANSION, LAYER_GEOMETRY, STAGE_SIZES, output_size  # noqa: E402
 from cpsl_jax.train import parallel, steps  # noqa: E402
 from cpsl_jax.train import state as state_lib  # noqa: E402
@@ -90,26 +89,13 @@ def log(*parts: Any) -> None:
 
 def load_config(path: str, stage: str):
     """``get_config(stage)`` of a config file (``configs/gta5.py``)."""
-    spec = importlib.util.spec_from_file_location("benchmark_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(stage)
+    return defaults.load_config_file(path).get_config(stage)
 
 
 def parse_wh(text: str) -> tuple[int, int]:
     """``'224x128'`` -> (224, 128): width x height, the order of the config's sizes."""
     w, _, h = text.lower().partition("x")
     return int(w), int(h)
-
-
-def _set_key(config, dotted: str, value: Any) -> None:
-    *path, name = dotted.split(".")
-    node = config
-    for part in path:
-        node = node[part]
-    if name not in node:
-        raise KeyError(f"--set {dotted}: no such config key")
-    node[name] = value
 
 
 def apply_overrides(config, *, batch: int | None = None, crop: str | None = None, target_size: str | None = None,
@@ -134,11 +120,7 @@ def apply_overrides(config, *, batch: int | None = None, crop: str | None = None
         d.source_base_size = parse_wh(source_size)
     for item in sets:
         key, _, text = item.partition("=")
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = text
-        _set_key(config, key.strip(), value)
+        defaults.set_key(config, key.strip(), text.strip())
 
 
 # -- data and the JAX step (as benchmarks/stage_step.py) --------------------------------------------

@@ -9,6 +9,12 @@ warm-up's are the parser's defaults, since no warm-up command is published.
 
 from __future__ import annotations
 
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
 import ml_collections as mlc
 
 STAGES = ("warmup", "stage1", "stage2", "stage3", "eval", "lab_stats", "soft_labels", "hard_labels", "prototypes",
@@ -61,8 +67,9 @@ def base() -> mlc.ConfigDict:
     c.data.lab_stats = ""          # precomputed target Lab means/stds (.npy, N x 2 x 3)
     c.data.confidence_threshold = 0.95
     # The built-in synthetic domains ('synthetic-source' / 'synthetic-target'): seed, image size
-    # (H, W), and the number of images per split (0: the module's defaults).
-    c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0})
+    # (H, W), the number of images per split (0: the module's defaults) and the size of objects,
+    # walls and fences relative to their metric size (``synthetic.draw_scene``).
+    c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0, "object_scale": 1.0})
 
     # -- optimisation -------------------------------------------------------------------------
     c.optim = mlc.ConfigDict()
@@ -136,6 +143,47 @@ def base() -> mlc.ConfigDict:
 
 class ConfigError(ValueError):
     """A config names an unknown key, a bad value or a missing path."""
+
+
+def load_config_file(path: str | Path) -> ModuleType:
+    """A config file (``configs/gta5.py``) as a module: its ``get_config`` and constants."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"cpsl_config_{path.stem}_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path} defines no get_config")
+    return module
+
+
+def set_key(config: mlc.ConfigDict, dotted: str, value: Any) -> None:
+    """``config.a.b = value`` for ``dotted='a.b'``; an unknown key fails, naming it.
+
+    A string value given for a key that holds another type is read as that type: numbers,
+    ``true``/``false``, and tuples as comma-separated items (``224,128`` or ``(224, 128)``).
+    """
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents + [leaf]:
+        if not isinstance(node, mlc.ConfigDict) or part not in node:
+            raise ConfigError(f"unknown config key {dotted!r}")
+        if part != leaf:
+            node = node[part]
+    old = node[leaf]
+    if isinstance(value, str) and not isinstance(old, str):
+        try:
+            if isinstance(old, tuple):
+                items = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
+                value = tuple(type(old[0])(v) for v in items) if old else tuple(items)
+            elif isinstance(old, bool):
+                value = bool(json.loads(value.lower()))
+            elif old is not None:
+                value = type(old)(value)
+        except ValueError as err:
+            raise ConfigError(f"config key {dotted!r}: cannot read {value!r} as {type(old).__name__}") from err
+    node[leaf] = value
 
 
 def unknown_keys(config: mlc.ConfigDict, schema: mlc.ConfigDict | None = None, prefix: str = "") -> list[str]:

@@ -20,7 +20,6 @@ CPSL component switched off (``ABLATIONS``) that share the seed's warm-up and ps
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -50,33 +49,13 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "cpsl_jax", "jax
 
 
 def load_config_module(path: str):
-    """The config file as a module (its ``get_config``, ``STAGES``, ``REPORTED``)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"cpsl_demo_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    for name in ("get_config", "STAGES", "REPORTED"):
+    """The demo config file as a module (its ``get_config``, ``STAGES``, ``REPORTED``)."""
+    module = defaults.load_config_file(path)
+    for name in ("STAGES", "REPORTED"):
         if not hasattr(module, name):
-            raise AttributeError(f"{path} defines no {name} (a demo config needs get_config, STAGES and REPORTED)")
+            raise defaults.ConfigError(f"{path} defines no {name} (a demo config needs get_config, STAGES and "
+                                       "REPORTED)")
     return module
-
-
-def set_key(config, dotted: str, value) -> None:
-    """``config.a.b = value`` for ``dotted='a.b'``; unknown keys fail, naming the key."""
-    *parents, leaf = dotted.split(".")
-    node = config
-    for p in parents:
-        if p not in node:
-            raise defaults.ConfigError(f"unknown config key {dotted!r}")
-        node = node[p]
-    if leaf not in node:
-        raise defaults.ConfigError(f"unknown config key {dotted!r}")
-    if isinstance(node[leaf], tuple) and isinstance(value, str):
-        value = tuple(type(node[leaf][0])(v) for v in value.split(","))
-    elif isinstance(value, str) and not isinstance(node[leaf], str):
-        value = type(node[leaf])(json.loads(value.lower()) if isinstance(node[leaf], bool) else value)
-    node[leaf] = value
 
 
 def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dict[str, Any],
@@ -90,7 +69,7 @@ def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dic
             raise defaults.ConfigError(f"override {only}:{key}: {only!r} is not a stage of the demo "
                                        f"({', '.join(module.STAGES)})")
         if not sep or only == stage:
-            set_key(config, key, value)
+            defaults.set_key(config, key, value)
     if steps and config.stage in ("warmup", "stage1", "stage2", "stage3"):
         config.train.steps = min(config.train.steps, steps)
         config.train.checkpoint_every = min(config.train.checkpoint_every, steps)

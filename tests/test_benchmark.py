@@ -13,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
-from cpsl_jax import benchmark, cpsl  # noqa: E402
+from cpsl_jax import benchmark, defaults, cpsl  # noqa: E402
 from cpsl_jax import torch_steps as T  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +148,7 @@ def test_overrides():
     assert tuple(config.data.target_base_size) == tuple(config.data.source_base_size) == (512, 256)
     assert config.data.rescale_base_width == 550 and config.cpsl.queue_size == 4096
     assert config.model.dtype == "bfloat16"
-    with pytest.raises(KeyError):
+    with pytest.raises(defaults.ConfigError, match="cpsl.temprature"):
         benchmark.apply_overrides(config, sets=["cpsl.temprature=1"])
 
 

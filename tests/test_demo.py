@@ -68,3 +68,9 @@ def test_demo_overrides_name_unknown_keys():
                                                              "data.crop_size": "64,32"}, steps=5)
     assert config.cpsl.sl_weight == 0.2 and config.cpsl.rectify is False and config.data.crop_size == (64, 32)
     assert config.seed == 3 and config.train.steps == 5
+    defaults.set_key(config, "data.crop_size", "(96, 48)")
+    assert config.data.crop_size == (96, 48)
+    with pytest.raises(defaults.ConfigError, match="optim.max_steps.*'many'"):
+        defaults.set_key(config, "optim.max_steps", "many")
+    with pytest.raises(defaults.ConfigError, match="'optim.max_steps.x'"):
+        defaults.set_key(config, "optim.max_steps.x", 1)
