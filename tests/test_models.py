@@ -226,3 +226,23 @@ def test_space_to_batch_dilated_convolutions_give_the_same_network():
         variables["params"])
     jax.tree.map(lambda u, v: np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-3, atol=1e-5),
                  grad(s2b), grad(native))
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_convolution_is_the_channel_product(stride, monkeypatch):
+    """A 1x1 convolution, as a matrix product (CPU) or as XLA's convolution (other backends),
+    equals the float64 product over channels of the strided input; gradients agree too."""
+    from cpsl_jax.models import layers
+
+    rng = np.random.default_rng()
+    x = rng.standard_normal((2, 9, 7, 6)).astype(np.float32)
+    w = rng.standard_normal((1, 1, 6, 5)).astype(np.float32)
+    want = np.einsum("nhwc,co->nhwo", x.astype(np.float64)[:, ::stride, ::stride], w[0, 0].astype(np.float64))
+    results = {}
+    for backends in (("cpu",), ()):
+        monkeypatch.setattr(layers, "POINTWISE_AS_DOT_BACKENDS", backends)
+        f = lambda x, w: layers.conv2d(x, w, stride=stride)  # noqa: E731
+        results[backends] = (f(x, w), jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w))
+        np.testing.assert_allclose(np.asarray(results[backends][0]), want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(results[("cpu",)][1], results[()][1]):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

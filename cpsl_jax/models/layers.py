@@ -21,6 +21,10 @@ Initializer = Callable[..., jnp.ndarray]
 
 
 DILATED_IMPLS = ("native", "space_to_batch")
+# Backends on which a 1x1 convolution is computed as a matrix product. XLA:CPU runs its 1x1
+# convolutions well below its dot (benchmarks/RESULTS.md: the whole stage-1 step at mid-size
+# shapes took 39.6 s as convolutions, 30.1 s with products); GPUs are left to cuDNN.
+POINTWISE_AS_DOT_BACKENDS = ("cpu",)
 
 
 def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int = 1, padding: int = 0, dilation: int = 1,
@@ -29,11 +33,14 @@ def conv2d(x: jnp.ndarray, kernel: jnp.ndarray, *, stride: int = 1, padding: int
 
     ``dilated_impl='space_to_batch'`` computes a stride-1 'same' dilated convolution as a plain
     one over the input's ``dilation x dilation`` phases (``cpsl_jax.ops``): the same result,
-    and far faster where XLA lowers dilated convolutions as padded ones (GPUs).
+    and far faster where XLA lowers dilated convolutions as padded ones (GPUs). On the backends
+    of :data:`POINTWISE_AS_DOT_BACKENDS` a 1x1 convolution is a matrix product over channels.
     """
     if dilated_impl not in DILATED_IMPLS:
         raise ValueError(f"dilated_impl={dilated_impl!r} is not one of {DILATED_IMPLS}")
     k = kernel.shape[0]
+    if k == 1 and padding == 0 and jax.default_backend() in POINTWISE_AS_DOT_BACKENDS:
+        return jnp.einsum("nhwc,co->nhwo", x[:, ::stride, ::stride], kernel[0, 0])
     if dilated_impl == "space_to_batch" and dilation > 1 and stride == 1 and padding == dilation * (k - 1) // 2:
         return conv_dilated_space_to_batch(x, kernel, dilation)
     return lax.conv_general_dilated(
