@@ -158,8 +158,8 @@ def test_colour_statistics_differ_per_class(samples):
     ok = ~np.isnan(ms[:, 0]) & ~np.isnan(mt[:, 0])
     assert ok.sum() >= 15
     diff = np.abs(ms[ok] - mt[ok]).mean(1)
-    assert np.median(diff) > 15, diff
-    assert (diff > 5).mean() >= 0.8, diff
+    assert np.median(diff) > 8, diff
+    assert (diff > 5).mean() >= 0.6, diff
     # Not just a global colour transform: the best affine RGB map from source class
     # means to target class means leaves large per-class residuals.
     a = np.c_[ms[ok], np.ones(ok.sum())]

@@ -57,13 +57,19 @@ _SOURCE_PALETTE = np.array([
     (215, 125, 35), (95, 120, 160), (85, 40, 105), (150, 35, 45),
     (55, 80, 115), (235, 235, 228), (25, 25, 25), (215, 170, 140), (30, 30, 34),
 ], np.float32)
-# Photo-like palette: each class mean moved differently (not one global transform).
+# Photo-like palette: each class mean moved differently (not one global transform). Before the
+# photometric change of ``render_target`` (gain, saturation, contrast) each class's colour is
+# moved to where, after that change, it sits about a third of the way from its source colour
+# toward a photo-like tone: nearer its own source colour than to any other class's, except for
+# wall, which lands on the sidewalk of the source. A source model is then uncertain on the
+# target rather than confidently wrong (sky read as truck, people as fence), which is what a
+# self-training method can correct.
 _TARGET_PALETTE = np.array([
-    (104, 100, 98), (160, 156, 160), (128, 112, 104), (170, 160, 140), (104, 96, 74),
-    (120, 118, 112), (50, 50, 42), (200, 170, 70), (70, 122, 52), (140, 150, 88),
-    (150, 182, 228), (120, 76, 80), (150, 86, 64), (58, 76, 130), (160, 160, 164),
-    (190, 130, 60), (100, 116, 140), (78, 50, 90), (130, 58, 56),
-    (66, 80, 100), (205, 205, 196), (30, 30, 30), (196, 156, 132), (22, 22, 26),
+    (82, 83, 92), (174, 165, 160), (151, 107, 84), (189, 179, 152), (122, 90, 56),
+    (106, 108, 118), (39, 40, 31), (237, 199, 12), (47, 154, 28), (150, 181, 65),
+    (103, 175, 255), (172, 60, 58), (204, 85, 29), (22, 62, 189), (170, 175, 199),
+    (230, 127, 15), (86, 118, 174), (79, 27, 110), (158, 25, 35), (45, 75, 123),
+    (231, 237, 239), (17, 17, 17), (221, 170, 138), (17, 18, 24),
 ], np.float32)
 # Target textures, per class (index 19 = ignore): amplitude of smooth luminance noise,
 # of fine grain and of horizontal streaks (grey levels).
