@@ -208,8 +208,7 @@ def evaluate_checkpoint(config: mlc.ConfigDict, workdir: Path, mesh) -> dict:
 def save_predictions(model, variables, dataset, count: int, folder: Path, num_classes: int) -> list[Path]:
     """PNG panels (input | ground truth | prediction) of the first ``count`` images."""
     folder.mkdir(parents=True, exist_ok=True)
-    predict = jax.jit(lambda v, x: evaluate.predict_full_res(model.apply(v, x[None], train=False)["logits"][0],
-                                                             x.shape[:2]))
+    predict = evaluate.full_res_predictor(model)
     paths = []
     for i in range(min(count, len(dataset))):
         item = dataset[i]
