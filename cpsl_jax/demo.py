@@ -15,7 +15,8 @@ Afterwards every reported model is evaluated on the target val split and the dem
 rarest third of the classes and per-class IoU after each stage) and ``<workdir>/demo.png``
 (one row per val image: input | ground truth | each reported model, and a colour key). With
 several seeds each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one
-CPSL component switched off (``ABLATIONS``) that share the seed's warm-up and pseudo labels.
+CPSL component switched off, or the paper's reverse cross-entropy switched back on
+(``ABLATIONS``), that share the seed's warm-up and pseudo labels.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "no_rectification": ("no prototype rectification", {"cpsl.rectify": False}),
     "no_consistency": ("no consistency loss", {"cpsl.consistency_weight": 0.0}),
     "no_contrastive": ("no contrastive term", {"cpsl.contrastive_weight": 0.0}),
+    "rce": ("with reverse cross-entropy (the paper's stage-1 target loss)", {"cpsl.rce": True}),
 }
 SHORT_NAMES = {"sidewalk": "sidew.", "building": "build.", "traffic_light": "light", "traffic_sign": "sign",
                "vegetation": "veget.", "terrain": "terr.", "person": "pers.", "motorcycle": "motor.",
@@ -95,18 +97,25 @@ def _model_file(workdir: Path) -> Path:
     return workdir / "model.msgpack"
 
 
-def evaluate_models(configs: dict[str, Any], workdirs: dict[str, Path]) -> dict[str, dict]:
+def load_models(configs: dict[str, Any], workdirs: dict[str, Path]) -> dict[str, dict]:
+    """Each stage's final model variables (``model.msgpack`` in its folder)."""
+    from cpsl_jax.train.io import load_variables
+
+    return {name: load_variables(config, str(_model_file(workdirs[name])))["variables"]
+            for name, config in configs.items()}
+
+
+def evaluate_models(configs: dict[str, Any], variables: dict[str, dict]) -> dict[str, dict]:
     """Target val confusion matrix and IoUs of each stage's final model."""
     from cpsl_jax.train import parallel
-    from cpsl_jax.train.io import load_variables, open_split
+    from cpsl_jax.train.io import open_split
     from cpsl_jax.train.loop import evaluate_variables
 
     mesh = parallel.make_mesh()
     out = {}
     for name, config in configs.items():
-        variables = load_variables(config, str(_model_file(workdirs[name])))["variables"]
         val = open_split(config, "target", "val")
-        result = evaluate_variables(config, variables, val, mesh)
+        result = evaluate_variables(config, variables[name], val, mesh)
         out[name] = {"miou": float(result["miou"]), "per_class_iou": np.asarray(result["per_class_iou"], float),
                      "pixel_accuracy": float(result["pixel_accuracy"]),
                      "confusion_matrix": np.asarray(result["confusion_matrix"])}
@@ -166,17 +175,16 @@ def study_table(per_seed: dict[int, dict[str, dict]], titles: dict[str, str], ke
     return "\n".join(lines)
 
 
-def prediction_panels(configs: dict[str, Any], workdirs: dict[str, Path], titles: dict[str, str], count: int,
+def prediction_panels(configs: dict[str, Any], variables: dict[str, dict], titles: dict[str, str], count: int,
                       out_dir: Path, scale: int = 2) -> Path | None:
     """``count`` val images, one row each: input | ground truth | each model; returns the grid PNG."""
     if count <= 0:
         return None
-    import jax
     import jax.numpy as jnp
 
     from cpsl_jax import evaluate
     from cpsl_jax.train import state as state_lib
-    from cpsl_jax.train.io import load_variables, open_split
+    from cpsl_jax.train.io import open_split
 
     first = next(iter(configs.values()))
     num_classes = first.model.num_classes
@@ -185,11 +193,9 @@ def prediction_panels(configs: dict[str, Any], workdirs: dict[str, Path], titles
     items = [val[i] for i in range(min(count, len(val)))]
     preds: dict[str, list[np.ndarray]] = {}
     for name, config in configs.items():
-        model = state_lib.build_model(config, axis_name=None)
-        variables = load_variables(config, str(_model_file(workdirs[name])))["variables"]
-        predict = jax.jit(lambda v, x, model=model: evaluate.predict_full_res(
-            model.apply(v, x[None], train=False)["logits"][0], x.shape[:2]))
-        preds[name] = [np.asarray(predict(variables, jnp.asarray(it["image"], jnp.float32) / 255.0)) for it in items]
+        predict = evaluate.full_res_predictor(state_lib.build_model(config, axis_name=None))
+        preds[name] = [np.asarray(predict(variables[name], jnp.asarray(it["image"], jnp.float32) / 255.0))
+                       for it in items]
 
     def big(a):
         return np.repeat(np.repeat(a, scale, axis=0), scale, axis=1)
@@ -258,7 +264,8 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
                 run_stage(config, runs / name)
                 configs[name], workdirs[name] = config, runs / name
         setup_logging(workdir)
-        results = evaluate_models(configs, workdirs)
+        variables = load_models(configs, workdirs)
+        results = evaluate_models(configs, variables)
         if not rare:
             rare = rarest_third(next(iter(results.values()))["confusion_matrix"])
             names = layouts.class_names(next(iter(configs.values())).model.num_classes)
@@ -266,7 +273,7 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
         (runs / "results.json").write_text(json.dumps({"seed": seed, "rows": per_seed[seed]}, indent=1) + "\n")
         if seed == seeds[0]:
             shown = {k: configs[k] for k in module.REPORTED if k in configs}
-            prediction_panels(shown, workdirs, titles, pictures, workdir)
+            prediction_panels(shown, variables, titles, pictures, workdir)
     minutes = (time.perf_counter() - t_start) / 60
     text = [f"# CPSL demo: synthetic source -> synthetic target ({', '.join(map(str, seeds))})", ""]
     for seed in seeds:
@@ -301,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--config", default="configs/demo.py", help="demo config file (configs/demo.py)")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (data stay the same)")
-    p.add_argument("--ablations", action="store_true", help="also run stage 1 without each CPSL component")
+    p.add_argument("--ablations", action="store_true", help="also run stage 1 without each CPSL component (and with RCE)")
     p.add_argument("--steps", type=int, default=0, help="cap every training stage at this many steps (tests)")
     p.add_argument("--pictures", type=int, default=4, help="val images shown in demo.png")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
