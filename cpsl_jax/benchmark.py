@@ -626,7 +626,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    return run(parse_args(argv))
+    try:
+        return run(parse_args(argv))
+    except (defaults.ConfigError, FileNotFoundError) as err:  # a bad config path or key: say which
+        raise SystemExit(f"error: {err}") from None
 
 
 if __name__ == "__main__":

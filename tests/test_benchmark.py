@@ -150,6 +150,10 @@ def test_overrides():
     assert config.model.dtype == "bfloat16"
     with pytest.raises(defaults.ConfigError, match="cpsl.temprature"):
         benchmark.apply_overrides(config, sets=["cpsl.temprature=1"])
+    with pytest.raises(SystemExit, match="error: unknown config key 'cpsl.temprature'"):
+        benchmark.main(["--config", str(ROOT / "configs/tiny.py"), "--set", "cpsl.temprature=1"])
+    with pytest.raises(SystemExit, match="configs/nothere.py does not exist"):
+        benchmark.main(["--config", "configs/nothere.py"])
 
 
 def test_benchmark_table_is_complete(tmp_path, capsys):
