@@ -194,12 +194,13 @@ def test_scanned_student_passes_equal_separate_passes():
 
 
 def test_source_only_warmup_step_is_the_adversarial_step_without_target():
-    """With ``adv.weight == 0`` the warm-up step trains on source labels alone: its parameter
+    """With ``adv.weight == 0`` the warm-up step trains on source labels alone (its batch has no
+    target entry, as the loop then loads none): its parameter
     update is the adversarial step's with a vanishing weight, the discriminator keeps its
     parameters and the running statistics move by the source pass only (one momentum update
     toward the source batch, where the adversarial step also folds in the target's)."""
     batch = make_batch(tiny_config("warmup"), np.random.default_rng())
-    only, h_only = run(tiny_config("warmup", **{"adv.weight": 0.0}), [batch], devices=1)
+    only, h_only = run(tiny_config("warmup", **{"adv.weight": 0.0}), [{"source": batch["source"]}], devices=1)
     tiny, h_tiny = run(tiny_config("warmup", **{"adv.weight": 1e-30}), [batch], devices=1)
     _, initial = build(tiny_config("warmup"))
     initial = jax.device_get(initial)

@@ -50,6 +50,8 @@ def _train_loaders(config: mlc.ConfigDict) -> dict[str, Any]:
     source = open_split(config, "source", "train")
     lab = np.load(config.data.lab_stats) if config.data.lab_stats else None
     loaders = {"source": pipeline.source_train_loader(source, _loader_options(config, seed_offset=1), lab)}
+    if steps.source_only(config):  # nothing of the target enters the step: read none of it
+        return loaders
     target = open_split(config, "target", "train")
     store, kind = None, "soft"
     if stage in ("stage1", "stage2", "stage3"):

@@ -170,14 +170,23 @@ def source_view(batch: Batch, key: jax.Array, config: mlc.ConfigDict, axis_name:
 
 # -- warm-up ------------------------------------------------------------------------------------
 
+def source_only(config: mlc.ConfigDict) -> bool:
+    """A warm-up with ``adv.weight == 0``: source labels alone, no target batch needed."""
+    return config.stage == "warmup" and config.adv.weight == 0
+
+
 def warmup_step(state: TrainState, batch: Batch, *, model, discriminator, tx, disc_tx, config,
                 axis_name: str | None = AXIS):
     """Adversarial warm-up: source CE + 0.01 x LSGAN (target outputs toward the source label 0);
-    the discriminator (Adam) learns source -> 0, target -> 1 on the crops' softmax."""
+    the discriminator (Adam) learns source -> 0, target -> 1 on the crops' softmax. With
+    ``adv.weight == 0`` (:func:`source_only`) the batch needs no ``target`` entry."""
     shared, local = _keys(state, axis_name)
     k_src, k_tgt = jax.random.split(shared)
     k_drop1, k_drop2 = jax.random.split(local)
     src_img, src_lbl = source_view(batch["source"], k_src, config, axis_name)
+    if source_only(config):
+        return _source_only_update(state, src_img, src_lbl, k_drop1, model=model, tx=tx, config=config,
+                                   axis_name=axis_name)
     tgt_img = _per_image(augment.weak_view, batch["target"]["image"],
                          _weak_params(k_tgt, batch["target"]["image"], config, axis_name))
     crop_hw = _crop_hw(config)
@@ -188,10 +197,6 @@ def warmup_step(state: TrainState, batch: Batch, *, model, discriminator, tx, di
         out = discriminator.apply({"params": d_params}, probs)
         # MSE over all outputs of the global batch: local sum / global element count.
         return jnp.sum(jnp.square(out - label)) / (out[0].size * n_global)
-
-    if config.adv.weight == 0:
-        return _source_only_update(state, src_img, src_lbl, k_drop1, model=model, tx=tx, config=config,
-                                   axis_name=axis_name)
 
     def loss_fn(params):
         passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, tgt_img], [k_drop1, k_drop2],
@@ -223,7 +228,7 @@ def warmup_step(state: TrainState, batch: Batch, *, model, discriminator, tx, di
 
 
 def _source_only_update(state: TrainState, src_img, src_lbl, key, *, model, tx, config, axis_name):
-    """The warm-up step with ``adv.weight == 0``: source cross-entropy alone. Nothing of the target
+    """The warm-up step of :func:`source_only`: source cross-entropy alone. Nothing of the target
     enters the update, so the target pass and the discriminator are skipped (it keeps its
     parameters) and the running batch statistics are the source's only."""
 
