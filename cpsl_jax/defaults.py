@@ -67,8 +67,9 @@ def base() -> mlc.ConfigDict:
     c.data.lab_stats = ""          # precomputed target Lab means/stds (.npy, N x 2 x 3)
     c.data.confidence_threshold = 0.95
     # The built-in synthetic domains ('synthetic-source' / 'synthetic-target'): seed, image size
-    # (H, W), the number of images per split (0: the module's defaults) and the size of objects,
-    # walls and fences relative to their metric size (``synthetic.draw_scene``).
+    # (H, W), the number of images per split (0: the module's defaults) and the size of people,
+    # two-wheelers, poles, signs, lights, walls and fences relative to their metric size
+    # (``synthetic.draw_scene``).
     c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0, "object_scale": 1.0})
 
     # -- optimisation -------------------------------------------------------------------------

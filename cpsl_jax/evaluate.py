@@ -61,8 +61,6 @@ def predict_full_res(logits: jnp.ndarray, out_hw: Sequence[int],
 
 def full_res_predictor(model):
     """``predict(variables, image)``: jitted full-resolution argmax of one (H, W, 3) image in [0, 1]."""
-    import jax
-
     return jax.jit(lambda v, x: predict_full_res(model.apply(v, x[None], train=False)["logits"][0], x.shape[:2]))
 
 

@@ -501,8 +501,9 @@ def _draw_ego(cv: _Canvas, rng: Rng) -> None:
 def draw_scene(h: int, w: int, stats: SceneStats, rng: Rng, object_scale: float = 1.0) -> _Canvas:
     """Lay out one street scene; returns the canvas (instance map, classes, keys).
 
-    ``object_scale`` > 1 draws objects, walls and fences larger than their metric size where
-    they stand: at small image sizes it keeps thin and small classes wider than a few output
+    ``object_scale`` > 1 draws people, two-wheelers, pole widths, signs, lights, walls and
+    fences larger than their metric size where they stand (vehicles, trees and the street keep
+    theirs): at small image sizes it keeps the thin and small classes wider than a few output
     strides of the network, so that they can be learned at all."""
     cv = _Canvas(h, w)
     st = _sample_street(h, w, rng)
@@ -728,7 +729,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument('--size', type=int, nargs=2, default=(128, 256), metavar=('H', 'W'))
     p.add_argument('--num-classes', type=int, default=19, choices=sorted(LABEL_IDS))
     p.add_argument('--object-scale', type=float, default=1.0,
-                   help='objects, walls and fences drawn this many times their metric size')
+                   help='people, two-wheelers, poles, signs, lights, walls and fences drawn this many '
+                        'times their metric size')
     args = p.parse_args(argv)
     splits = args.splits or (['train', 'val'] if args.layout == 'cityscapes' else ['train'])
     if args.layout == 'gta5' and len(splits) != 1:

@@ -22,8 +22,8 @@ Initializer = Callable[..., jnp.ndarray]
 
 DILATED_IMPLS = ("native", "space_to_batch")
 # Backends on which a 1x1 convolution is computed as a matrix product. XLA:CPU runs its 1x1
-# convolutions well below its dot (benchmarks/RESULTS.md: the whole stage-1 step at mid-size
-# shapes took 39.6 s as convolutions, 30.1 s with products); GPUs are left to cuDNN.
+# convolutions well below its dot (benchmarks/RESULTS.md, speed notes: the whole stage-1 step
+# at mid-size shapes took 39.3 s as convolutions, 28.7 s with products); GPUs are left to cuDNN.
 POINTWISE_AS_DOT_BACKENDS = ("cpu",)
 
 
