@@ -66,11 +66,19 @@ def base() -> mlc.ConfigDict:
     c.data.pseudo_labels = ""      # pseudo-label store directory (soft for stage 1, hard for 2/3)
     c.data.lab_stats = ""          # precomputed target Lab means/stds (.npy, N x 2 x 3)
     c.data.confidence_threshold = 0.95
+    # The strong view of the target crop (stage-1 consistency, stage 2/3 target loss): the
+    # reference's RandAugment ops (magnitudes 1..max_magnitude, each applied with op_prob),
+    # Gaussian blur, colour jitter (factors 1 +- ``jitter``, hue shift within +- ``hue``) and the
+    # cutout (``augment.sample_strong``).
+    c.data.strong = mlc.ConfigDict({"ops": 2, "max_magnitude": 9, "op_prob": 0.5, "blur_prob": 0.5,
+                                    "jitter": 0.4, "hue": 0.4, "jitter_prob": 0.5, "cutout": True})
     # The built-in synthetic domains ('synthetic-source' / 'synthetic-target'): seed, image size
-    # (H, W), the number of images per split (0: the module's defaults) and the size of people,
+    # (H, W), the number of images per split (0: the module's defaults), the size of people,
     # two-wheelers, poles, signs, lights, walls and fences relative to their metric size
-    # (``synthetic.draw_scene``).
-    c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0, "object_scale": 1.0})
+    # (``synthetic.draw_scene``), how far the target's class colours move from the source's
+    # (``synthetic.target_palette``) and the target's exposure (``synthetic.render_target``).
+    c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0, "object_scale": 1.0,
+                                       "domain_shift": 0.35, "exposure": 1.0})
 
     # -- optimisation -------------------------------------------------------------------------
     c.optim = mlc.ConfigDict()

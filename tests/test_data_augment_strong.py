@@ -275,3 +275,33 @@ def test_benchmark_rows():
     rows = A.augment_benchmark_rows(batch=1, quick=True)
     assert [r["stage"] for r in rows] == ["lab_transfer", "weak_view", "strong_view"]
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_sample_strong_milder_options():
+    """``config.data.strong``'s knobs: a magnitude cap, no hue shift, probabilities and no cutout. With all
+    probabilities 0 and no cutout the strong view is the (flipped) weak crop, and no map
+    position becomes ignore."""
+    key = jax.random.PRNGKey(2)
+    default = A.sample_strong(key, 64, CROP)
+    explicit = A.sample_strong(key, 64, CROP, n_ops=2, jitter=0.4, max_magnitude=9, op_prob=0.5, blur_prob=0.5,
+                               jitter_prob=0.5, cutout=True, hue=0.4)
+    for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(explicit)):
+        np.testing.assert_array_equal(a, b)  # the defaults are the reference's draws, unchanged
+    capped = A.sample_strong(key, 256, CROP, n_ops=1, max_magnitude=3, hue=0.0)
+    assert capped.op.shape == (256, 1) and int(capped.mag.max()) == 3 and int(capped.mag.min()) == 1
+    factors = np.asarray(capped.jitter_factors)
+    assert np.all(factors[:, 3] == 0) and factors[:, :3].min() < 0.7 and factors[:, :3].max() > 1.3
+
+    none = A.sample_strong(key, 16, CROP, op_prob=0.0, blur_prob=0.0, jitter_prob=0.0, cutout=False)
+    assert not np.asarray(none.apply).any() and not np.asarray(none.blur).any() and not np.asarray(none.jitter).any()
+    imgs = np.concatenate([_images()] * 6)[:16]
+    x = jnp.asarray(imgs / 255.0, jnp.float32)
+    out = np.round(np.asarray(A.strong_view(x, none)) * 255).astype(int)
+    flip = np.asarray(none.flip)
+    expect = np.where(flip[:, None, None, None], imgs[:, :, ::-1], imgs).astype(int)
+    np.testing.assert_array_equal(out, expect)
+    maps = jnp.asarray(np.random.default_rng(0).integers(0, 19, (16, CROP[0] // 4, CROP[1] // 4, 1)), jnp.float32)
+    _, valid = move_to_strong(maps, none)
+    assert np.asarray(valid).all()
+    with pytest.raises(ValueError, match="max_magnitude"):
+        A.sample_strong(key, 2, CROP, max_magnitude=10)

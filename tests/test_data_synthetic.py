@@ -280,3 +280,73 @@ def test_object_scale_widens_small_classes_only():
     assert 'object_scale=2.5' in repr(ds) and 'object_scale' not in repr(SyntheticDataset('source', 'val'))
     with pytest.raises(ValueError, match='object_scale'):
         SyntheticDataset('source', 'val', object_scale=0)
+
+
+def _photometric_mean(colours):
+    """The mean photometric change of ``render_target`` in float64, written out channel by channel."""
+    gain, sat, con = np.array([1.04, 1.0, 0.93]), 0.775, 0.86
+    c = np.asarray(colours, np.float64) * gain
+    grey = c.mean(-1, keepdims=True)
+    return con * (sat * c + (1 - sat) * grey) + 118.0 * (1 - con)
+
+
+@pytest.mark.parametrize('shift', [0.0, 0.35, 0.6, 1.0])
+def test_target_palette_lands_on_the_interpolated_colour(shift):
+    """After the mean photometric change each class colour sits ``shift`` of the way from its
+    source colour to its photo-like tone (where no channel had to be clipped)."""
+    palette = synthetic.target_palette(shift)
+    source = synthetic._SOURCE_PALETTE.astype(np.float64)
+    aim = source + shift * (_photometric_mean(synthetic._PHOTO_PALETTE) - source)
+    got = _photometric_mean(palette)
+    unclipped = ((palette > 0) & (palette < 255)).all(-1)
+    assert unclipped.sum() >= 20
+    np.testing.assert_allclose(got[unclipped], aim[unclipped], atol=0.6)  # rounding to whole levels
+
+
+def test_domain_shift_moves_target_class_colours_away_from_the_source():
+    """Rendered target images: each class's mean colour is farther from its source mean the
+    larger ``domain_shift``; the layouts and labels do not change, and the source ignores it."""
+    def class_means(ds):
+        sums, counts = np.zeros((19, 3)), np.zeros(19)
+        for i in range(len(ds)):
+            item = ds[i]
+            lab = item['label'].ravel()
+            keep = lab < 19
+            np.add.at(sums, lab[keep], item['image'].reshape(-1, 3)[keep].astype(np.float64))
+            np.add.at(counts, lab[keep], 1)
+        return sums / np.maximum(counts, 1)[:, None], counts
+
+    kw = dict(seed=3, size=(48, 96), length=12)
+    src_means, _ = class_means(SyntheticDataset('source', 'train', **kw))
+    dist = {}
+    for shift in (0.0, 0.35, 0.8):
+        ds = SyntheticDataset('target', 'train', domain_shift=shift, **kw)
+        means, counts = class_means(ds)
+        seen = counts > 50
+        dist[shift] = np.linalg.norm(means - src_means, axis=1)[seen].mean()
+    assert dist[0.0] < dist[0.35] < dist[0.8], dist
+    a = SyntheticDataset('target', 'train', domain_shift=0.8, **kw)[0]
+    b = SyntheticDataset('target', 'train', **kw)[0]
+    np.testing.assert_array_equal(a['label'], b['label'])
+    assert np.abs(a['image'].astype(int) - b['image']).mean() > 5
+    assert 'domain_shift=0.8' in repr(SyntheticDataset('target', 'val', domain_shift=0.8))
+    assert 'domain_shift' not in repr(SyntheticDataset('target', 'val'))
+    with pytest.raises(ValueError, match='domain_shift'):
+        SyntheticDataset('target', 'val', domain_shift=1.5)
+
+
+def test_exposure_darkens_the_target_only():
+    """``exposure`` scales the target's levels before the sensor noise: same scenes and labels,
+    mean level scaled by the factor (up to noise and rounding); the source ignores it."""
+    kw = dict(seed=2, size=(48, 96), length=6)
+    for i in range(3):
+        dark = SyntheticDataset('target', 'train', exposure=0.8, **kw)[i]
+        plain = SyntheticDataset('target', 'train', **kw)[i]
+        np.testing.assert_array_equal(dark['label'], plain['label'])
+        ratio = dark['image'].astype(np.float64).mean() / plain['image'].astype(np.float64).mean()
+        assert abs(ratio - 0.8) < 0.02, ratio
+    src = SyntheticDataset('source', 'train', exposure=0.8, **kw)[0]
+    np.testing.assert_array_equal(src['image'], SyntheticDataset('source', 'train', **kw)[0]['image'])
+    assert 'exposure=0.8' in repr(SyntheticDataset('target', 'val', exposure=0.8))
+    with pytest.raises(ValueError, match='exposure'):
+        SyntheticDataset('target', 'val', exposure=0)

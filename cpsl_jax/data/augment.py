@@ -139,19 +139,32 @@ def weak_view(images: jnp.ndarray, params: WeakParams, quantize: bool = True) ->
 
 
 def sample_strong(key: jax.Array, batch: int, crop_hw: Sequence[int] = (512, 896), n_ops: int = 2,
-                  jitter: float = 0.4) -> StrongParams:
-    """Draw the strong view of ``batch`` crops of size ``crop_hw`` (see :class:`StrongParams`)."""
+                  jitter: float = 0.4, max_magnitude: int = MAX_MAGNITUDE - 1, op_prob: float = 0.5,
+                  blur_prob: float = 0.5, jitter_prob: float = 0.5, cutout: bool = True,
+                  hue: float | None = None) -> StrongParams:
+    """Draw the strong view of ``batch`` crops of size ``crop_hw`` (see :class:`StrongParams`).
+
+    The defaults are the reference's: 2 RandAugment ops of magnitude 1..9, each applied with
+    probability 0.5, blur and colour jitter (brightness, contrast and saturation factors in
+    1 +- 0.4, hue shift within +-0.4) each with probability 0.5, and the cutout always.
+    ``max_magnitude`` (1..9) caps the magnitudes; ``hue`` (default: ``min(0.5, jitter)``)
+    bounds the hue shift alone; the probabilities and ``cutout=False`` make the view milder
+    (``config.data.strong``).
+    """
+    if not 1 <= max_magnitude < MAX_MAGNITUDE:
+        raise ValueError(f"max_magnitude must be in 1..{MAX_MAGNITUDE - 1}, got {max_magnitude}")
     crop_h, crop_w = int(crop_hw[0]), int(crop_hw[1])
     keys = jax.random.split(key, 12)
     flip = jax.random.bernoulli(keys[0], 0.5, (batch,))
-    blur = jax.random.bernoulli(keys[1], 0.5, (batch,))
-    jit_on = jax.random.bernoulli(keys[2], 0.5, (batch,))
+    blur = jax.random.bernoulli(keys[1], blur_prob, (batch,))
+    jit_on = jax.random.bernoulli(keys[2], jitter_prob, (batch,))
     order = jax.vmap(lambda k: jax.random.permutation(k, 4))(jax.random.split(keys[3], batch)).astype(jnp.int32)
     bcs = jax.random.uniform(keys[4], (batch, 3), minval=1.0 - jitter, maxval=1.0 + jitter)
-    hue = jax.random.uniform(keys[5], (batch, 1), minval=-min(0.5, jitter), maxval=min(0.5, jitter))
+    hue_max = min(0.5, jitter) if hue is None else float(hue)
+    hue = jax.random.uniform(keys[5], (batch, 1), minval=-hue_max, maxval=hue_max)
     op = jax.random.randint(keys[6], (batch, n_ops), 0, NUM_OPS)  # random.choices: with replacement
-    mag = jax.random.randint(keys[7], (batch, n_ops), 1, MAX_MAGNITUDE)  # np.random.randint(1, 10)
-    apply = jax.random.bernoulli(keys[8], 0.5, (batch, n_ops))
+    mag = jax.random.randint(keys[7], (batch, n_ops), 1, max_magnitude + 1)  # np.random.randint(1, 10)
+    apply = jax.random.bernoulli(keys[8], op_prob, (batch, n_ops))
     sign = jnp.where(jax.random.bernoulli(keys[9], 0.5, (batch, n_ops)), -1, 1).astype(jnp.int32)
     # CutoutAbs(img, min(w, h) // 3): centre uniform in the image, box clipped at the borders.
     side = min(crop_h, crop_w) // 3
@@ -161,6 +174,9 @@ def sample_strong(key: jax.Array, batch: int, crop_hw: Sequence[int] = (512, 896
     y0 = jnp.floor(jnp.maximum(0.0, cy - side / 2.0)).astype(jnp.int32)
     x1 = jnp.minimum(crop_w, x0 + side)
     y1 = jnp.minimum(crop_h, y0 + side)
+    if not cutout:  # an empty box: x1 < x0 covers no pixel, in the image or in the moved maps
+        x0, y0 = jnp.full_like(x0, crop_w), jnp.full_like(y0, crop_h)
+        x1, y1 = x0 - 2, y0 - 2
     return StrongParams(flip=flip, blur=blur, jitter=jit_on, jitter_order=order,
                         jitter_factors=jnp.concatenate([bcs, hue], axis=1).astype(jnp.float32),
                         op=op.astype(jnp.int32), mag=mag.astype(jnp.int32), sign=sign, apply=apply,

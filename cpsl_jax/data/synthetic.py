@@ -57,20 +57,41 @@ _SOURCE_PALETTE = np.array([
     (215, 125, 35), (95, 120, 160), (85, 40, 105), (150, 35, 45),
     (55, 80, 115), (235, 235, 228), (25, 25, 25), (215, 170, 140), (30, 30, 34),
 ], np.float32)
-# Photo-like palette: each class mean moved differently (not one global transform). Before the
-# photometric change of ``render_target`` (gain, saturation, contrast) each class's colour is
-# moved to where, after that change, it sits about a third of the way from its source colour
-# toward a photo-like tone: nearer its own source colour than to any other class's, except for
-# wall, which lands on the sidewalk of the source. A source model is then uncertain on the
-# target rather than confidently wrong (sky read as truck, people as fence), which is what a
-# self-training method can correct.
-_TARGET_PALETTE = np.array([
-    (82, 83, 92), (174, 165, 160), (151, 107, 84), (189, 179, 152), (122, 90, 56),
-    (106, 108, 118), (39, 40, 31), (237, 199, 12), (47, 154, 28), (150, 181, 65),
-    (103, 175, 255), (172, 60, 58), (204, 85, 29), (22, 62, 189), (170, 175, 199),
-    (230, 127, 15), (86, 118, 174), (79, 27, 110), (158, 25, 35), (45, 75, 123),
-    (231, 237, 239), (17, 17, 17), (221, 170, 138), (17, 18, 24),
+# Photo-like class colours at full domain shift (before ``render_target``'s photometric
+# change). After that change several of them land on another class's source colour (sky on
+# truck, people on fence): at full shift a source model is confidently wrong.
+_PHOTO_PALETTE = np.array([
+    (104, 100, 98), (160, 156, 160), (128, 112, 104), (170, 160, 140), (104, 96, 74),
+    (120, 118, 112), (50, 50, 42), (200, 170, 70), (70, 122, 52), (140, 150, 88),
+    (150, 182, 228), (120, 76, 80), (150, 86, 64), (58, 76, 130), (160, 160, 164),
+    (190, 130, 60), (100, 116, 140), (78, 50, 90), (130, 58, 56),
+    (66, 80, 100), (205, 205, 196), (30, 30, 30), (196, 156, 132), (22, 22, 26),
 ], np.float32)
+# The mean photometric change of ``render_target``: white-balance gain, saturation, contrast.
+_MEAN_GAIN, _MEAN_SAT, _MEAN_CON = np.array([1.04, 1.0, 0.93]), 0.775, 0.86
+DEFAULT_DOMAIN_SHIFT = 0.35
+
+
+def target_palette(shift: float = DEFAULT_DOMAIN_SHIFT) -> np.ndarray:
+    """The target's class colours before ``render_target``'s photometric change, (24, 3).
+
+    After the mean photometric change each colour lands at ``source + shift * (tone - source)``:
+    0 keeps the source colours (only the photometric change, textures, lighting and noise
+    differ), 1 puts every class on its photo-like tone. At the default third of the way every
+    class stays nearer its own source colour than any other class's (wall excepted, which
+    lands near the source's sidewalk): a source model is uncertain on the target rather than
+    confidently wrong, which is what self-training can correct.
+    """
+    # The mean photometric change as an affine map c -> c A^T + b (gain, then saturation
+    # toward the grey level, then contrast toward 118).
+    a = _MEAN_CON * (_MEAN_SAT * np.diag(_MEAN_GAIN) + (1 - _MEAN_SAT) * np.outer(np.ones(3), _MEAN_GAIN) / 3)
+    b = 118.0 * (1 - _MEAN_CON)
+    source = _SOURCE_PALETTE.astype(np.float64)
+    aim = source + float(shift) * (_PHOTO_PALETTE @ a.T + b - source)
+    colours = np.linalg.solve(a, (aim - b).T).T
+    return np.clip(np.round(colours), 0, 255).astype(np.float32)
+
+
 # Target textures, per class (index 19 = ignore): amplitude of smooth luminance noise,
 # of fine grain and of horizontal streaks (grey levels).
 _TARGET_TEXTURE = np.array([
@@ -553,13 +574,19 @@ def render_source(cv: _Canvas, rng: Rng) -> np.ndarray:
     return np.clip(colours, 0, 255).astype(np.uint8)[cv.inst]
 
 
-def render_target(cv: _Canvas, label: np.ndarray, rng: Rng) -> np.ndarray:
+def render_target(cv: _Canvas, label: np.ndarray, rng: Rng, palette: np.ndarray | None = None,
+                  exposure: float = 1.0) -> np.ndarray:
     """Photo-like look: shifted palette, per-class textures, white balance, lower
-    saturation and contrast, lighting gradient, vignetting, blur and sensor noise."""
+    saturation and contrast, lighting gradient, vignetting, blur, exposure and sensor noise.
+
+    ``palette``: the class colours (``target_palette()``); ``exposure`` scales every level
+    before the sensor noise (< 1: darker photos than the rendered source).
+    """
     h, w = label.shape
     n = len(cv.keys)
     keys = np.asarray(cv.keys)
-    colours = _TARGET_PALETTE[keys] * rng.uniform(0.85, 1.15, (n, 1))
+    palette = target_palette() if palette is None else palette
+    colours = palette[keys] * rng.uniform(0.85, 1.15, (n, 1))
     colours += rng.normal(0.0, 9.0, (n, 3))
     img = colours.astype(np.float32)[cv.inst]
     # Per-class texture: smooth blotches, fine grain and horizontal streaks (grey levels).
@@ -585,6 +612,8 @@ def render_target(cv: _Canvas, label: np.ndarray, rng: Rng) -> np.ndarray:
     light -= 0.35 * (xx * xx + yy * yy)
     img *= light[..., None]
     img = _blur3(img)
+    if exposure != 1.0:  # the camera's exposure relative to the rendered look
+        img *= np.float32(exposure)
     img += 3.0 * rng.standard_normal(img.shape, dtype=np.float32)    # sensor noise
     return np.clip(img, 0, 255).astype(np.uint8)
 
@@ -618,7 +647,8 @@ class SyntheticDataset:
     """
 
     def __init__(self, domain: str, split: str, num_classes: int = 19, seed: int = 0,
-                 size: Sequence[int] = (128, 256), length: int | None = None, object_scale: float = 1.0):
+                 size: Sequence[int] = (128, 256), length: int | None = None, object_scale: float = 1.0,
+                 domain_shift: float = DEFAULT_DOMAIN_SHIFT, exposure: float = 1.0):
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
         if split not in SPLITS:
@@ -627,7 +657,14 @@ class SyntheticDataset:
             raise ValueError(f'size must be (H, W) with both >= 16, got {size}')
         if not object_scale > 0:
             raise ValueError(f'object_scale must be positive, got {object_scale}')
+        if not 0 <= domain_shift <= 1:
+            raise ValueError(f'domain_shift must be in [0, 1], got {domain_shift}')
+        if not 0 < exposure <= 2:
+            raise ValueError(f'exposure must be in (0, 2], got {exposure}')
         self.object_scale = float(object_scale)
+        self.domain_shift = float(domain_shift)
+        self.exposure = float(exposure)
+        self._palette = target_palette(domain_shift) if domain == 'target' else None
         self.domain, self.split, self.seed = domain, split, int(seed)
         self.num_classes = num_classes
         self.size = (int(size[0]), int(size[1]))
@@ -643,7 +680,10 @@ class SyntheticDataset:
         # Stable across processes: grain checks a restored iterator against repr(data_source).
         return (f"SyntheticDataset(domain={self.domain!r}, split={self.split!r}, num_classes={self.num_classes}, "
                 f"seed={self.seed}, size={self.size}, length={self.length}"
-                + (f", object_scale={self.object_scale}" if self.object_scale != 1.0 else "") + ")")
+                + (f", object_scale={self.object_scale}" if self.object_scale != 1.0 else "")
+                + (f", domain_shift={self.domain_shift}"
+                   if self.domain == 'target' and self.domain_shift != DEFAULT_DOMAIN_SHIFT else "")
+                + (f", exposure={self.exposure}" if self.domain == 'target' and self.exposure != 1.0 else "") + ")")
 
     def __len__(self) -> int:
         return self.length
@@ -672,7 +712,7 @@ class SyntheticDataset:
         if self.domain == 'source':
             image = render_source(cv, rng)
         else:
-            image = render_target(cv, label19, rng)
+            image = render_target(cv, label19, rng, self._palette, self.exposure)
         return {'image': image, 'label': self._table[label19],
                 'name': f'{self.domain}_{self.split}_{i:06d}'}
 
@@ -731,13 +771,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument('--object-scale', type=float, default=1.0,
                    help='people, two-wheelers, poles, signs, lights, walls and fences drawn this many '
                         'times their metric size')
+    p.add_argument('--domain-shift', type=float, default=DEFAULT_DOMAIN_SHIFT,
+                   help='how far the target class colours move toward their photo-like tones (0-1)')
+    p.add_argument('--exposure', type=float, default=1.0,
+                   help='brightness of the target images relative to the rendered look (< 1: darker)')
     args = p.parse_args(argv)
     splits = args.splits or (['train', 'val'] if args.layout == 'cityscapes' else ['train'])
     if args.layout == 'gta5' and len(splits) != 1:
         p.error('the gta5 layout has no split folders: give one --splits value')
     for split in splits:
         ds = SyntheticDataset(args.domain, split, args.num_classes, args.seed, args.size,
-                              args.num, args.object_scale)
+                              args.num, args.object_scale, args.domain_shift, args.exposure)
         write_layout(ds, args.out, args.layout, split)
         print(f'wrote {len(ds)} {args.domain}/{split} items to {args.out} ({args.layout})')
 

@@ -59,6 +59,13 @@ def _own(tree, b: int, axis_name: str | None):
     return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, b, axis=0), tree)
 
 
+def strong_options(config) -> dict:
+    """``augment.sample_strong``'s keyword arguments from ``config.data.strong``."""
+    s = config.data.strong
+    return {"n_ops": s.ops, "max_magnitude": s.max_magnitude, "op_prob": s.op_prob, "blur_prob": s.blur_prob,
+            "jitter": s.jitter, "hue": s.hue, "jitter_prob": s.jitter_prob, "cutout": s.cutout}
+
+
 def _draw(sample, key: jax.Array, b: int, axis_name: str | None, **kw):
     """Per-image augmentation parameters, independent of how the batch is split over devices."""
     return _own(sample(key, _global_batch(b, axis_name), **kw), b, axis_name)
@@ -265,7 +272,7 @@ def stage1_step(state: TrainState, batch: Batch, *, model, tx, config, axis_name
     # 2-3. Target views: weak crop (+ CutMix), strong view of the crop; the teacher sees the whole image.
     weak = _weak_params(k_weak, tgt["image"], config, axis_name)
     weak_img = _per_image(augment.weak_view, tgt["image"], weak)
-    strong = _draw(augment.sample_strong, k_strong, b, axis_name, crop_hw=crop_hw)
+    strong = _draw(augment.sample_strong, k_strong, b, axis_name, crop_hw=crop_hw, **strong_options(config))
     strong_img = _per_image(augment.strong_view, weak_img, strong)
     apply_cutmix, box = cpsl.sample_cutmix(k_cut, crop_hw, prob=c.cutmix_prob)
     mixed_img = cpsl.mix_images(weak_img, src_img, box, apply_cutmix)
@@ -357,7 +364,7 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
     src_img, src_lbl = source_view(batch["source"], k_src, config, axis_name)
     weak = _weak_params(k_weak, tgt["image"], config, axis_name)
     weak_img = _per_image(augment.weak_view, tgt["image"], weak)
-    strong = _draw(augment.sample_strong, k_strong, b, axis_name, crop_hw=crop_hw)
+    strong = _draw(augment.sample_strong, k_strong, b, axis_name, crop_hw=crop_hw, **strong_options(config))
     strong_img = _per_image(augment.strong_view, weak_img, strong)
     # Hard pseudo label: onto the crop at full crop resolution, x0.25 nearest, onto the strong view.
     label = augment.move_to_weak(tgt["pseudo_label"][..., None], weak, crop_hw, method="nearest")
