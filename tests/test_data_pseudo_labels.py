@@ -60,3 +60,28 @@ def test_missing_entries_name_image_and_store(tmp_path):
     with pytest.raises(ValueError, match="must both be"):
         store.write_hard("bad", np.zeros((2, 3), np.uint8), np.ones((3, 2)))
     assert store.names("hard") == ["present"]
+
+
+def test_reads_from_many_threads_return_every_file_intact(tmp_path):
+    """The loader reads pseudo labels from a thread pool: concurrent reads of soft and hard
+    labels each return their own file's contents (and never CPython's spurious AST error)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = PseudoLabelStore(tmp_path / "s", create=True)
+    rng = np.random.default_rng(0)
+    soft = {f"im{i}": rng.dirichlet(np.ones(5), (6, 7)).transpose(2, 0, 1) for i in range(40)}
+    hard = {f"im{i}": (rng.integers(0, 5, (6, 7)), rng.uniform(0.9, 1.0, (6, 7))) for i in range(40)}
+    for name in soft:
+        store.write_soft(name, soft[name])
+        store.write_hard(name, *hard[name])
+
+    def read(name):
+        return name, store.read_soft(name), store.read_hard(name, threshold=None)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(read, [n for _ in range(10) for n in soft]))
+    assert len(results) == 400
+    for name, s, (label, conf) in results:
+        np.testing.assert_array_equal(s, soft[name].astype(np.float16))
+        np.testing.assert_array_equal(label, hard[name][0])
+        np.testing.assert_array_equal(conf, hard[name][1].astype(np.float16))

@@ -18,12 +18,24 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 
 import numpy as np
 from PIL import Image
 
 IGNORE_LABEL = 255
 DEFAULT_THRESHOLD = 0.95
+# np.load parses each file's header with ast.literal_eval, and CPython 3.11/3.12's AST
+# constructor is not safe to run in several threads at once (python/cpython#106905: a
+# spurious "SystemError: AST constructor recursion depth mismatch"). The data loader reads
+# pseudo labels from a thread pool, so the reads here take turns; a file of soft labels is
+# read in about a millisecond.
+_NPY_LOCK = threading.Lock()
+
+
+def _load_npy(path: str) -> np.ndarray:
+    with _NPY_LOCK:
+        return np.load(path)
 
 
 def _atomic_write(path: str, write) -> None:
@@ -87,7 +99,7 @@ class PseudoLabelStore:
         path = self._file(name, ".soft.npy")
         if not os.path.exists(path):
             raise self._missing(name, path)
-        return np.load(path)
+        return _load_npy(path)
 
     # -- hard
     def write_hard(self, name: str, label: np.ndarray, conf: np.ndarray) -> None:
@@ -113,7 +125,7 @@ class PseudoLabelStore:
                 raise self._missing(name, p)
         with Image.open(label_path) as im:
             label = np.asarray(im)
-        conf = np.load(conf_path)
+        conf = _load_npy(conf_path)
         if label.shape != conf.shape:
             raise ValueError(f"pseudo label {label_path} {label.shape} and confidence {conf_path} "
                              f"{conf.shape} differ in size")
