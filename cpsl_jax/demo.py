@@ -16,7 +16,8 @@ rarest third of the classes and per-class IoU after each stage) and ``<workdir>/
 (one row per val image: input | ground truth | each reported model, and a colour key). With
 several seeds each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one
 CPSL component switched off, or the paper's reverse cross-entropy switched back on
-(``ABLATIONS``), that share the seed's warm-up and pseudo labels.
+(``ABLATIONS``), that share the seed's warm-up and pseudo labels; ``--oracle`` adds the
+config's ``ORACLE`` row, the source-only network trained on the target's labels.
 """
 
 from __future__ import annotations
@@ -67,9 +68,10 @@ def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dic
     config.seed = seed
     for key, value in overrides.items():
         only, sep, key = key.rpartition(":")  # 'stage1:optim.base_lr' changes stage 1 only
-        if sep and only not in module.STAGES:
+        known = (*module.STAGES, *getattr(module, "ORACLE", ()))
+        if sep and only not in known:
             raise defaults.ConfigError(f"override {only}:{key}: {only!r} is not a stage of the demo "
-                                       f"({', '.join(module.STAGES)})")
+                                       f"({', '.join(known)})")
         if not sep or only == stage:
             defaults.set_key(config, key, value)
     if steps and config.stage in ("warmup", "stage1", "stage2", "stage3"):
@@ -233,16 +235,22 @@ def legend(num_classes: int, swatch: int = 12) -> np.ndarray:
 
 
 def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0,), ablations: bool = False,
-             overrides: dict[str, Any] | None = None, steps: int = 0, pictures: int = 4) -> dict:
-    """Run the demo (every seed, optional ablations), evaluate, and write the tables and pictures."""
+             oracle: bool = False, overrides: dict[str, Any] | None = None, steps: int = 0,
+             pictures: int = 4) -> dict:
+    """Run the demo (every seed, optional ablations and oracle), evaluate, and write the tables
+    and pictures."""
     from cpsl_jax.train.logger import setup_logging
 
     module = load_config_module(config_path)
+    if oracle and not getattr(module, "ORACLE", None):
+        raise defaults.ConfigError(f"{config_path} defines no ORACLE stage for --oracle")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     titles = dict(module.REPORTED)
     titles.update({f"stage1_{k}": f"stage 1, {t}" for k, (t, _) in ABLATIONS.items()})
+    if oracle:
+        titles.update(module.ORACLE)
     t_start = time.perf_counter()
     per_seed: dict[int, dict[str, dict]] = {}
     first_seed_runs = None
@@ -263,6 +271,10 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
                 name = f"stage1_{key}"
                 run_stage(config, runs / name)
                 configs[name], workdirs[name] = config, runs / name
+        for name in module.ORACLE if oracle else ():
+            config = stage_config(module, name, runs, seed, overrides, steps)
+            run_stage(config, runs / name)
+            configs[name], workdirs[name] = config, runs / name
         setup_logging(workdir)
         variables = load_models(configs, workdirs)
         results = evaluate_models(configs, variables)
@@ -309,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds (data stay the same)")
     p.add_argument("--ablations", action="store_true", help="also run stage 1 without each CPSL component (and with RCE)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also train the source-only network on the target's labels (the config's ORACLE)")
     p.add_argument("--steps", type=int, default=0, help="cap every training stage at this many steps (tests)")
     p.add_argument("--pictures", type=int, default=4, help="val images shown in demo.png")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -324,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(a.workdir)
     try:
         run_demo(a.config, a.workdir, seeds=[int(s) for s in a.seeds.split(",") if s.strip()],
-                 ablations=a.ablations, overrides=_parse_overrides(a.set), steps=a.steps, pictures=a.pictures)
+                 ablations=a.ablations, oracle=a.oracle, overrides=_parse_overrides(a.set), steps=a.steps,
+                 pictures=a.pictures)
     except (defaults.ConfigError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 

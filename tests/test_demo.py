@@ -18,7 +18,7 @@ SMALL = {"model.width": 8, "model.head_width": 32, "data.synthetic.length": 8, "
 
 def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp_path):
     runs = tmp_path / "demo"
-    summary = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=2)
+    summary = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=2, oracle=True)
     module = demo.load_config_module(CONFIG)
     c = 19
     # Every stage ran, in order, and left its summary.
@@ -38,9 +38,10 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     hard = PseudoLabelStore(art / "hard_stage1")
     label, _ = hard.read_hard(hard.names("hard")[0], threshold=None)
     assert label.shape == (96, 192) and label.max() < c
-    # The table: one row per reported model, with mIoU, rare-third mIoU and 19 per-class IoUs.
+    # The table: one row per reported model and the oracle, with mIoU, rare-third mIoU and 19
+    # per-class IoUs.
     rows = summary["rows"][0]
-    assert list(rows) == list(module.REPORTED)
+    assert list(rows) == list(module.REPORTED) + list(module.ORACLE)
     for row in rows.values():
         assert 0.0 <= row["miou"] <= 100.0 and len(row["per_class_iou"]) == c
         present = [v for v in row["per_class_iou"] if v is not None]
@@ -48,9 +49,9 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     rare = summary["rare_classes"]
     assert 0 < len(rare) <= c // 3 + 1 and set(rare) <= set(summary["class_names"])
     table = (runs / "results.md").read_text()
-    for title in module.REPORTED.values():
+    for title in (*module.REPORTED.values(), *module.ORACLE.values()):
         assert f"| {title} |" in table
-    assert table.count("\n| ") >= 1 + len(module.REPORTED)
+    assert table.count("\n| ") >= 2 + len(module.REPORTED)
     # The picture: one row per image, input | ground truth | each reported model (2x upscaled).
     grid = np.asarray(Image.open(runs / "demo.png"))
     assert grid.shape[1] >= (2 + len(module.REPORTED)) * 192 * 2 and grid.shape[0] >= 2 * 96 * 2
@@ -58,6 +59,16 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     # Rerunning finds every stage done and only re-evaluates.
     again = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=0)
     assert again["rows"][0]["stage1"]["miou"] == pytest.approx(rows["stage1"]["miou"])
+    assert "target_labels" not in again["rows"][0]
+
+
+def test_the_oracle_trains_the_source_only_network_on_target_labels():
+    module = demo.load_config_module(CONFIG)
+    source_only = demo.stage_config(module, "source_only", "runs/x", 0, {})
+    oracle = demo.stage_config(module, "target_labels", "runs/x", 0, {"target_labels:optim.base_lr": "0.02"})
+    assert oracle.data.source == oracle.data.target == "synthetic-target" and source_only.data.source == "synthetic-source"
+    assert oracle.adv.weight == 0.0 and oracle.train.steps == source_only.train.steps and oracle.optim.base_lr == 0.02
+    assert oracle.model.to_dict() == source_only.model.to_dict()
 
 
 def test_demo_overrides_name_unknown_keys():
