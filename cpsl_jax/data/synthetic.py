@@ -67,8 +67,11 @@ _PHOTO_PALETTE = np.array([
     (190, 130, 60), (100, 116, 140), (78, 50, 90), (130, 58, 56),
     (66, 80, 100), (205, 205, 196), (30, 30, 30), (196, 156, 132), (22, 22, 26),
 ], np.float32)
-# The mean photometric change of ``render_target``: white-balance gain, saturation, contrast.
-_MEAN_GAIN, _MEAN_SAT, _MEAN_CON = np.array([1.04, 1.0, 0.93]), 0.775, 0.86
+# The photometric change of ``render_target``: white-balance gain (times U(0.95, 1.05) per
+# channel), then saturation and contrast factors drawn uniformly from these ranges.
+_GAIN = (1.04, 1.0, 0.93)
+_SATURATION = (0.7, 0.85)
+_CONTRAST = (0.8, 0.92)
 DEFAULT_DOMAIN_SHIFT = 0.35
 
 
@@ -84,8 +87,9 @@ def target_palette(shift: float = DEFAULT_DOMAIN_SHIFT) -> np.ndarray:
     """
     # The mean photometric change as an affine map c -> c A^T + b (gain, then saturation
     # toward the grey level, then contrast toward 118).
-    a = _MEAN_CON * (_MEAN_SAT * np.diag(_MEAN_GAIN) + (1 - _MEAN_SAT) * np.outer(np.ones(3), _MEAN_GAIN) / 3)
-    b = 118.0 * (1 - _MEAN_CON)
+    gain, sat, con = np.array(_GAIN), np.mean(_SATURATION), np.mean(_CONTRAST)
+    a = con * (sat * np.diag(gain) + (1 - sat) * np.outer(np.ones(3), gain) / 3)
+    b = 118.0 * (1 - con)
     source = _SOURCE_PALETTE.astype(np.float64)
     aim = source + float(shift) * (_PHOTO_PALETTE @ a.T + b - source)
     colours = np.linalg.solve(a, (aim - b).T).T
@@ -598,8 +602,8 @@ def render_target(cv: _Canvas, label: np.ndarray, rng: Rng, palette: np.ndarray 
     img += 4.0 * _smooth_noise(h, w, 24, rng, 3)
     # Global photometric change as one affine map per pixel: white balance (gain), then
     # saturation (towards the grey level), then contrast (towards 118).
-    gain = np.array([1.04, 1.0, 0.93], np.float32) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
-    sat, con = np.float32(rng.uniform(0.7, 0.85)), np.float32(rng.uniform(0.8, 0.92))
+    gain = np.array(_GAIN, np.float32) * rng.uniform(0.95, 1.05, 3).astype(np.float32)
+    sat, con = np.float32(rng.uniform(*_SATURATION)), np.float32(rng.uniform(*_CONTRAST))
     img *= gain
     grey = img.mean(-1, keepdims=True)
     img *= con * sat
