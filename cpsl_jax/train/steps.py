@@ -59,11 +59,13 @@ def _own(tree, b: int, axis_name: str | None):
     return jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, start, b, axis=0), tree)
 
 
-def strong_options(config) -> dict:
-    """``augment.sample_strong``'s keyword arguments from ``config.data.strong``."""
+def _strong_view(key: jax.Array, weak_img: jnp.ndarray, config, axis_name: str | None):
+    """The strong view of each weak crop, drawn as ``config.data.strong`` says: (params, images)."""
     s = config.data.strong
-    return {"n_ops": s.ops, "max_magnitude": s.max_magnitude, "op_prob": s.op_prob, "blur_prob": s.blur_prob,
-            "jitter": s.jitter, "hue": s.hue, "jitter_prob": s.jitter_prob, "cutout": s.cutout}
+    params = _draw(augment.sample_strong, key, weak_img.shape[0], axis_name, crop_hw=_crop_hw(config),
+                   n_ops=s.ops, max_magnitude=s.max_magnitude, op_prob=s.op_prob, blur_prob=s.blur_prob,
+                   jitter=s.jitter, hue=s.hue, jitter_prob=s.jitter_prob, cutout=s.cutout)
+    return params, _per_image(augment.strong_view, weak_img, params)
 
 
 def _draw(sample, key: jax.Array, b: int, axis_name: str | None, **kw):
@@ -272,8 +274,7 @@ def stage1_step(state: TrainState, batch: Batch, *, model, tx, config, axis_name
     # 2-3. Target views: weak crop (+ CutMix), strong view of the crop; the teacher sees the whole image.
     weak = _weak_params(k_weak, tgt["image"], config, axis_name)
     weak_img = _per_image(augment.weak_view, tgt["image"], weak)
-    strong = _draw(augment.sample_strong, k_strong, b, axis_name, crop_hw=crop_hw, **strong_options(config))
-    strong_img = _per_image(augment.strong_view, weak_img, strong)
+    strong, strong_img = _strong_view(k_strong, weak_img, config, axis_name)
     apply_cutmix, box = cpsl.sample_cutmix(k_cut, crop_hw, prob=c.cutmix_prob)
     mixed_img = cpsl.mix_images(weak_img, src_img, box, apply_cutmix)
 
@@ -364,8 +365,7 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
     src_img, src_lbl = source_view(batch["source"], k_src, config, axis_name)
     weak = _weak_params(k_weak, tgt["image"], config, axis_name)
     weak_img = _per_image(augment.weak_view, tgt["image"], weak)
-    strong = _draw(augment.sample_strong, k_strong, b, axis_name, crop_hw=crop_hw, **strong_options(config))
-    strong_img = _per_image(augment.strong_view, weak_img, strong)
+    strong, strong_img = _strong_view(k_strong, weak_img, config, axis_name)
     # Hard pseudo label: onto the crop at full crop resolution, x0.25 nearest, onto the strong view.
     label = augment.move_to_weak(tgt["pseudo_label"][..., None], weak, crop_hw, method="nearest")
     label = ops.resize_nearest(label, quarter)
