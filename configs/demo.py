@@ -48,9 +48,14 @@ STAGES = ("source_only", "warmup", "soft_labels", "prototypes", "class_distribut
 REPORTED = {"source_only": "source only", "warmup": "warm-up (adversarial)", "stage1": "stage 1 (CPSL)",
             "stage2": "stage 2 (distillation)"}
 
-# ``--oracle`` adds this row: the source-only network and schedule trained on the target's own
-# training labels, the ceiling that adaptation could reach with this network and schedule.
-ORACLE = {"target_labels": "trained on target labels (oracle)"}
+# ``--oracle`` adds these rows, two ceilings measured with the target's training labels:
+# the source-only network and schedule trained on them (what adaptation could reach with this
+# network and schedule), and stage 1 from the same warm-up given the ground truth as its soft
+# pseudo labels (what stage 1 reaches if its pseudo labels were perfect, on the pseudo labels'
+# output grid). ``ORACLE_STAGES`` runs them in order: the ground-truth soft-label store first.
+ORACLE = {"target_labels": "trained on target labels (oracle)",
+          "stage1_true_labels": "stage 1 on true soft labels (its ceiling)"}
+ORACLE_STAGES = ("target_labels", "soft_labels_true", "stage1_true_labels")
 
 STEPS = {"source_only": 1500, "warmup": 150, "stage1": 300, "stage2": 300}
 LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage2": 2.5e-3}
@@ -59,8 +64,9 @@ LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage
 def get_config(arg: str = "source_only"):
     stage, _, runs = arg.partition(",")
     runs = runs or "runs/demo"
-    oracle = stage in ORACLE
-    stage = "source_only" if oracle else stage
+    true_labels = {"soft_labels_true": "soft_labels", "stage1_true_labels": "stage1"}
+    oracle = stage == "target_labels"
+    stage, truth = true_labels.get(stage, "source_only" if oracle else stage), stage in true_labels
     c = defaults.base()
     c.stage = "warmup" if stage == "source_only" else stage
     defaults.apply_stage(c, c.stage if stage == "source_only" else stage, runs)
@@ -108,4 +114,7 @@ def get_config(arg: str = "source_only"):
     c.eval.save_predictions = 0
     if oracle:  # the "source" stream reads the target's training images and labels
         c.data.source, c.data.source_base_size = c.data.target, c.data.target_base_size
+    if truth:  # the ground truth's class fractions as stage 1's soft pseudo labels
+        c.data.pseudo_labels = f"{runs}/artifacts/soft_true"
+        c.data.soft_labels_from_ground_truth = stage == "soft_labels"
     return c

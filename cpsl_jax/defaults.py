@@ -64,6 +64,9 @@ def base() -> mlc.ConfigDict:
     c.data.worker_count = 4        # grain worker processes per host (0: in the main process)
     c.data.colour_transfer = True  # CIELAB transfer of source images toward target images (GTA5 runs)
     c.data.pseudo_labels = ""      # pseudo-label store directory (soft for stage 1, hard for 2/3)
+    # soft_labels: write the ground truth's class fractions on the output grid instead of the
+    # model's softmax (a diagnostic: stage 1 with perfect pseudo labels; needs target labels)
+    c.data.soft_labels_from_ground_truth = False
     c.data.lab_stats = ""          # precomputed target Lab means/stds (.npy, N x 2 x 3)
     c.data.confidence_threshold = 0.95
     # The strong view of the target crop (stage-1 consistency, stage 2/3 target loss): the
@@ -147,6 +150,7 @@ def base() -> mlc.ConfigDict:
     c.eval.flip = False
     c.eval.max_images = 0          # 0: the whole split
     c.eval.save_predictions = 4    # coloured predictions written for this many images
+    c.eval.target_statistics = False  # eval: BatchNorm statistics re-estimated on target train images (AdaBN)
     return c
 
 

@@ -12,12 +12,15 @@ stopped.
 
 Afterwards every reported model is evaluated on the target val split and the demo writes
 ``<workdir>/results.json`` and ``<workdir>/results.md`` (target mIoU, the mIoU of the
-rarest third of the classes and per-class IoU after each stage) and ``<workdir>/demo.png``
+rarest third of the classes and per-class IoU after each stage, and the mIoU of the same
+model with its BatchNorm statistics re-estimated on the target training images, the AdaBN
+baseline: what normalisation alone accounts for) and ``<workdir>/demo.png``
 (one row per val image: input | ground truth | each reported model, and a colour key). With
 several seeds each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one
 CPSL component switched off, or the paper's reverse cross-entropy switched back on
 (``ABLATIONS``), that share the seed's warm-up and pseudo labels; ``--oracle`` adds the
-config's ``ORACLE`` row, the source-only network trained on the target's labels.
+config's ``ORACLE`` rows (running its ``ORACLE_STAGES``), ceilings measured with the target's
+labels.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dic
     config.seed = seed
     for key, value in overrides.items():
         only, sep, key = key.rpartition(":")  # 'stage1:optim.base_lr' changes stage 1 only
-        known = (*module.STAGES, *getattr(module, "ORACLE", ()))
+        known = (*module.STAGES, *getattr(module, "ORACLE", ()), *getattr(module, "ORACLE_STAGES", ()))
         if sep and only not in known:
             raise defaults.ConfigError(f"override {only}:{key}: {only!r} is not a stage of the demo "
                                        f"({', '.join(known)})")
@@ -107,8 +110,15 @@ def load_models(configs: dict[str, Any], workdirs: dict[str, Path]) -> dict[str,
             for name, config in configs.items()}
 
 
-def evaluate_models(configs: dict[str, Any], variables: dict[str, dict]) -> dict[str, dict]:
-    """Target val confusion matrix and IoUs of each stage's final model."""
+def evaluate_models(configs: dict[str, Any], variables: dict[str, dict], *,
+                    target_statistics: bool = False) -> dict[str, dict]:
+    """Target val confusion matrix and IoUs of each stage's final model.
+
+    With ``target_statistics`` each model is evaluated a second time with its BatchNorm
+    statistics re-estimated on the target training images (``tools.target_statistics``, the
+    AdaBN baseline): ``miou_target_stats`` and ``per_class_iou_target_stats``.
+    """
+    from cpsl_jax import tools
     from cpsl_jax.train import parallel
     from cpsl_jax.train.io import open_split
     from cpsl_jax.train.loop import evaluate_variables
@@ -121,7 +131,15 @@ def evaluate_models(configs: dict[str, Any], variables: dict[str, dict]) -> dict
         out[name] = {"miou": float(result["miou"]), "per_class_iou": np.asarray(result["per_class_iou"], float),
                      "pixel_accuracy": float(result["pixel_accuracy"]),
                      "confusion_matrix": np.asarray(result["confusion_matrix"])}
-        log.info("%s: target mIoU %.2f", name, 100 * out[name]["miou"])
+        if target_statistics:
+            stats, _ = tools.target_statistics(config, variables[name], mesh)
+            adapted = evaluate_variables(config, {**variables[name], "batch_stats": stats}, val, mesh)
+            out[name]["miou_target_stats"] = float(adapted["miou"])
+            out[name]["per_class_iou_target_stats"] = np.asarray(adapted["per_class_iou"], float)
+            log.info("%s: target mIoU %.2f (with target BatchNorm statistics %.2f)", name, 100 * out[name]["miou"],
+                     100 * out[name]["miou_target_stats"])
+        else:
+            log.info("%s: target mIoU %.2f", name, 100 * out[name]["miou"])
     return out
 
 
@@ -139,10 +157,16 @@ def _nanmean(x) -> float:
 
 def summarise(results: dict[str, dict], rare: Sequence[int]) -> dict[str, dict]:
     """JSON-ready rows: mIoU, rare-third mIoU and per-class IoU (percent)."""
-    return {name: {"miou": 100 * r["miou"], "rare_miou": 100 * _nanmean(r["per_class_iou"][list(rare)]),
-                   "pixel_accuracy": 100 * r["pixel_accuracy"],
-                   "per_class_iou": [None if not np.isfinite(v) else 100 * float(v) for v in r["per_class_iou"]]}
-            for name, r in results.items()}
+    def row(r):
+        out = {"miou": 100 * r["miou"], "rare_miou": 100 * _nanmean(r["per_class_iou"][list(rare)]),
+               "pixel_accuracy": 100 * r["pixel_accuracy"],
+               "per_class_iou": [None if not np.isfinite(v) else 100 * float(v) for v in r["per_class_iou"]]}
+        if "miou_target_stats" in r:
+            out["miou_target_stats"] = 100 * r["miou_target_stats"]
+            out["rare_miou_target_stats"] = 100 * _nanmean(r["per_class_iou_target_stats"][list(rare)])
+        return out
+
+    return {name: row(r) for name, r in results.items()}
 
 
 def _fmt(v) -> str:
@@ -152,15 +176,21 @@ def _fmt(v) -> str:
 def stage_table(rows: dict[str, dict], titles: dict[str, str], names: Sequence[str], rare: Sequence[int]) -> str:
     """Markdown: one row per model, mIoU, rare-third mIoU and per-class IoU."""
     short = [SHORT_NAMES.get(n, n) + ("*" if i in rare else "") for i, n in enumerate(names)]
-    head = "| model | mIoU | rare mIoU | " + " | ".join(short) + " |"
-    lines = [head, "|" + "---|" * (3 + len(names))]
+    adapted = any("miou_target_stats" in row for row in rows.values())
+    extra = ["mIoU, target BN stats"] if adapted else []
+    head = "| model | mIoU | rare mIoU | " + " | ".join(extra + short) + " |"
+    lines = [head, "|" + "---|" * (3 + len(extra) + len(names))]
     for name, row in rows.items():
         cells = [titles.get(name, name), _fmt(row["miou"]), _fmt(row["rare_miou"])]
+        cells += [_fmt(row.get("miou_target_stats"))] if adapted else []
         cells += [_fmt(v) for v in row["per_class_iou"]]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append("Target val IoU (%). `*`: the rarest third of the classes in the val ground truth "
                  "(rare mIoU averages them).")
+    if adapted:
+        lines.append("\"Target BN stats\": the same model with its BatchNorm statistics re-estimated on the "
+                     "target training images (AdaBN): what normalisation alone accounts for.")
     return "\n".join(lines)
 
 
@@ -236,9 +266,10 @@ def legend(num_classes: int, swatch: int = 12) -> np.ndarray:
 
 def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0,), ablations: bool = False,
              oracle: bool = False, overrides: dict[str, Any] | None = None, steps: int = 0,
-             pictures: int = 4) -> dict:
+             pictures: int = 4, target_statistics: bool = True) -> dict:
     """Run the demo (every seed, optional ablations and oracle), evaluate, and write the tables
-    and pictures."""
+    and pictures. ``target_statistics``: also evaluate every model with its BatchNorm
+    statistics re-estimated on the target training images (a column of the tables)."""
     from cpsl_jax.train.logger import setup_logging
 
     module = load_config_module(config_path)
@@ -271,13 +302,14 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
                 name = f"stage1_{key}"
                 run_stage(config, runs / name)
                 configs[name], workdirs[name] = config, runs / name
-        for name in module.ORACLE if oracle else ():
+        for name in getattr(module, "ORACLE_STAGES", module.ORACLE) if oracle else ():
             config = stage_config(module, name, runs, seed, overrides, steps)
             run_stage(config, runs / name)
-            configs[name], workdirs[name] = config, runs / name
+            if name in module.ORACLE:
+                configs[name], workdirs[name] = config, runs / name
         setup_logging(workdir)
         variables = load_models(configs, workdirs)
-        results = evaluate_models(configs, variables)
+        results = evaluate_models(configs, variables, target_statistics=target_statistics)
         if not rare:
             rare = rarest_third(next(iter(results.values()))["confusion_matrix"])
             names = layouts.class_names(next(iter(configs.values())).model.num_classes)
@@ -293,6 +325,9 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
     if len(seeds) > 1 or ablations:
         text += ["## Target mIoU by seed", "", study_table(per_seed, titles, "miou"), "",
                  "## Rarest-third mIoU by seed", "", study_table(per_seed, titles, "rare_miou"), ""]
+        if target_statistics:
+            text += ["## Target mIoU with target BatchNorm statistics (AdaBN), by seed", "",
+                     study_table(per_seed, titles, "miou_target_stats"), ""]
     text.append(f"Wall time {minutes:.1f} min (this run; stages found done were not rerun).")
     report = "\n".join(text) + "\n"
     (workdir / "results.md").write_text(report)
@@ -325,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="also train the source-only network on the target's labels (the config's ORACLE)")
     p.add_argument("--steps", type=int, default=0, help="cap every training stage at this many steps (tests)")
     p.add_argument("--pictures", type=int, default=4, help="val images shown in demo.png")
+    p.add_argument("--no-target-stats", action="store_true",
+                   help="skip the second evaluation of every model with BatchNorm statistics re-estimated on "
+                        "the target training images")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key in every stage (--set cpsl.sl_weight=0.2) or in one "
                         "(--set stage1:optim.base_lr=1e-3)")
@@ -339,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         run_demo(a.config, a.workdir, seeds=[int(s) for s in a.seeds.split(",") if s.strip()],
                  ablations=a.ablations, oracle=a.oracle, overrides=_parse_overrides(a.set), steps=a.steps,
-                 pictures=a.pictures)
+                 pictures=a.pictures, target_statistics=not a.no_target_stats)
     except (defaults.ConfigError, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 

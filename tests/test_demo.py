@@ -35,6 +35,10 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     assert probs.shape[0] == c and np.allclose(probs.sum(0), 1, atol=1e-2)
     prototypes, prior = np.load(art / "prototypes.npy"), np.load(art / "class_distribution.npy")
     assert prototypes.shape == (c, 32) and abs(prior.sum() - 1) < 1e-5
+    # --oracle: the ground truth as soft labels, and stage 1 trained on them from the same warm-up.
+    true_soft = PseudoLabelStore(art / "soft_true")
+    assert true_soft.names("soft") == soft.names("soft")
+    assert json.loads((runs / "stage1_true_labels" / "summary.json").read_text())["step"] == 2
     hard = PseudoLabelStore(art / "hard_stage1")
     label, _ = hard.read_hard(hard.names("hard")[0], threshold=None)
     assert label.shape == (96, 192) and label.max() < c
@@ -46,19 +50,26 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
         assert 0.0 <= row["miou"] <= 100.0 and len(row["per_class_iou"]) == c
         present = [v for v in row["per_class_iou"] if v is not None]
         assert abs(np.mean(present) - row["miou"]) < 1e-6  # mIoU is the mean over classes that occur
+        # The second evaluation, with BatchNorm statistics re-estimated on the target images.
+        assert 0.0 <= row["miou_target_stats"] <= 100.0 and 0.0 <= row["rare_miou_target_stats"] <= 100.0
     rare = summary["rare_classes"]
     assert 0 < len(rare) <= c // 3 + 1 and set(rare) <= set(summary["class_names"])
     table = (runs / "results.md").read_text()
     for title in (*module.REPORTED.values(), *module.ORACLE.values()):
         assert f"| {title} |" in table
     assert table.count("\n| ") >= 2 + len(module.REPORTED)
+    assert "| mIoU, target BN stats |" in table
+    source_row = next(line for line in table.splitlines() if line.startswith(f"| {module.REPORTED['source_only']} |"))
+    assert len(source_row.strip("|").split("|")) == 4 + c  # title, mIoU, rare, target-stats mIoU, 19 classes
     # The picture: one row per image, input | ground truth | each reported model (2x upscaled).
     grid = np.asarray(Image.open(runs / "demo.png"))
     assert grid.shape[1] >= (2 + len(module.REPORTED)) * 192 * 2 and grid.shape[0] >= 2 * 96 * 2
     assert len(list((runs / "predictions").glob("*.png"))) == 2
     # Rerunning finds every stage done and only re-evaluates.
-    again = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=0)
+    again = demo.run_demo(CONFIG, runs, overrides=SMALL, steps=2, pictures=0, target_statistics=False)
     assert again["rows"][0]["stage1"]["miou"] == pytest.approx(rows["stage1"]["miou"])
+    assert "miou_target_stats" not in again["rows"][0]["stage1"]
+    assert "target BN stats" not in (runs / "results.md").read_text()
     assert "target_labels" not in again["rows"][0]
 
 

@@ -7,7 +7,9 @@ pseudo-label store (``config.data.pseudo_labels``):
 * ``lab_stats``: CIELAB per-channel mean and std of every target training image
   (``<workdir>/lab_stats.npy``, N x 2 x 3), used by the source colour transfer;
 * ``soft_labels``: the model's softmax at output resolution for every target training
-  image (C x 129 x 257 at 1024x2048), eval mode, no flip;
+  image (C x 129 x 257 at 1024x2048), eval mode, no flip; with
+  ``data.soft_labels_from_ground_truth`` the ground truth's class fractions on the same grid
+  instead (``true_soft_label``: what stage 1 reaches with perfect pseudo labels);
 * ``prototypes``: initial prototypes, ``passes`` passes of class-mean features with the
   running mean capped at 3000 contributions (``<workdir>/prototypes.npy``, C x D);
 * ``class_distribution``: fraction of target training pixels predicted as each class
@@ -15,7 +17,9 @@ pseudo-label store (``config.data.pseudo_labels``):
 * ``hard_labels``: argmax of the softmax averaged over the image and its flip at full
   resolution, with its float16 confidence;
 * ``eval``: mIoU, per-class IoU and pixel accuracy on the target val split, with coloured
-  predictions of a few images; works on a published reference ``.pkl`` as is.
+  predictions of a few images; works on a published reference ``.pkl`` as is. With
+  ``eval.target_statistics`` the BatchNorm statistics are first re-estimated on the target
+  training images (``target_statistics``, the AdaBN baseline).
 """
 
 from __future__ import annotations
@@ -103,10 +107,40 @@ def lab_stats(config: mlc.ConfigDict, workdir: Path, mesh) -> dict:
     return {"images": i, "path": str(path)}
 
 
+def true_soft_label(label: np.ndarray, num_classes: int, out_hw: tuple[int, int]) -> np.ndarray:
+    """Ground truth as a soft label on the network's output grid, (C, h, w) float32.
+
+    Grid point (i, j) stands for image pixel (i (H-1)/(h-1), j (W-1)/(w-1)), as the
+    align-corners resize that moves soft labels onto a crop reads it; each pixel counts for
+    its nearest grid point, and a grid point holds the class fractions of its pixels (uniform
+    where all are ignore).
+    """
+    (height, width), (h, w) = label.shape, out_hw
+    ys = np.rint(np.arange(height) * (h - 1) / max(height - 1, 1)).astype(np.int64)
+    xs = np.rint(np.arange(width) * (w - 1) / max(width - 1, 1)).astype(np.int64)
+    cell = ys[:, None] * w + xs[None, :]
+    keep = label < num_classes
+    counts = np.bincount(label[keep].astype(np.int64) * (h * w) + cell[keep],
+                         minlength=num_classes * h * w).reshape(num_classes, h, w).astype(np.float64)
+    total = counts.sum(0)
+    return np.where(total > 0, counts / np.maximum(total, 1), 1.0 / num_classes).astype(np.float32)
+
+
 def soft_labels(config: mlc.ConfigDict, workdir: Path, mesh) -> dict:
-    model, loaded = _model_and_variables(config)
     store = PseudoLabelStore(config.data.pseudo_labels, create=True)
     dataset = open_split(config, "target", "train")
+    if config.data.soft_labels_from_ground_truth:  # the labels' ceiling: no model involved
+        from cpsl_jax.models.deeplab import output_size
+
+        n = 0
+        for i in tqdm(range(jax.process_index(), len(dataset), jax.process_count()), desc="true soft labels",
+                      disable=jax.process_index() != 0):
+            item = dataset[i]
+            hw = tuple(output_size(int(s)) for s in item["label"].shape)
+            store.write_soft(str(item["name"]), true_soft_label(item["label"], config.model.num_classes, hw))
+            n += 1
+        return {"images": n, "store": str(store.path), "from_ground_truth": True}
+    model, loaded = _model_and_variables(config)
 
     def fn(variables, batch):
         logits = model.apply(variables, _images(batch), train=False)["logits"]
@@ -185,10 +219,59 @@ def class_statistics(config: mlc.ConfigDict, workdir: Path, mesh, *, passes: int
             "class_distribution": distribution.round(5).tolist()}
 
 
+def target_statistics(config: mlc.ConfigDict, variables: dict, mesh) -> tuple[dict, int]:
+    """BatchNorm running statistics re-estimated on the target training images (AdaBN).
+
+    Every full global batch of ``data.eval_batch_size`` whole target training images passes
+    through the network in train mode, BatchNorm synchronised over all devices; each layer's
+    batch mean and unbiased variance are averaged over the batches with equal weights (the
+    cumulative average of PyTorch's ``momentum=None``). Parameters are unchanged. Measures how
+    much of a model's target accuracy comes from its normalisation statistics alone.
+    Returns ``(batch_stats, images used)``; the last batch is left out when the split does
+    not fill it.
+    """
+    from cpsl_jax.models.norm import BatchNorm
+
+    model = state_lib.build_model(config, axis_name=parallel.AXIS)
+    momentum = BatchNorm.momentum
+    global_batch = config.data.eval_batch_size
+
+    def fn(variables, batch):
+        zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+        _, new = model.apply({"params": variables["params"], "batch_stats": zeros}, _images(batch), train=True,
+                             mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+        # From zero, one update leaves momentum x (batch mean, unbiased batch variance).
+        stats = jax.tree.map(lambda a: a / momentum, new["batch_stats"])
+        full = jax.lax.psum(jnp.sum(batch["valid"].astype(jnp.int32)), parallel.AXIS) == global_batch
+        return stats, full
+
+    dataset = open_split(config, "target", "train")
+    options = pipeline.LoaderOptions(batch_size=pipeline.host_batch_size(global_batch),
+                                     worker_count=config.data.worker_count)
+    compiled = parallel.sharded_eval(fn, mesh)
+    replicated = parallel.replicate(variables, mesh)
+    total, count = None, 0
+    for host in tqdm(pipeline.val_loader(dataset, options), total=-(-len(dataset) // global_batch),
+                     desc="target statistics", disable=jax.process_index() != 0):
+        stats, full = compiled(replicated, parallel.shard_batch({k: host[k] for k in ("image", "valid")}, mesh))
+        if bool(full):
+            stats = jax.tree.map(lambda a: np.asarray(a, np.float64), jax.device_get(stats))
+            total = stats if total is None else jax.tree.map(np.add, total, stats)
+            count += 1
+    if not count:
+        raise ValueError(f"target statistics: the target training split has {len(dataset)} images, fewer than one "
+                         f"batch of data.eval_batch_size={global_batch}")
+    return jax.tree.map(lambda a: (a / count).astype(np.float32), total), count * global_batch
+
+
 def evaluate_checkpoint(config: mlc.ConfigDict, workdir: Path, mesh) -> dict:
     """mIoU table of ``config.init.checkpoint`` on the target val split, with coloured predictions."""
     model, loaded = _model_and_variables(config)
     dataset = open_split(config, "target", "val")
+    if config.eval.target_statistics:
+        stats, used = target_statistics(config, loaded["variables"], mesh)
+        loaded["variables"] = {**loaded["variables"], "batch_stats": stats}
+        log.info("eval: BatchNorm statistics re-estimated on %d target training images", used)
     result = evaluate_variables(config, loaded["variables"], dataset, mesh)
     names = layouts.class_names(config.model.num_classes)
     table = evaluate.format_iou_table(result, names)
@@ -198,6 +281,7 @@ def evaluate_checkpoint(config: mlc.ConfigDict, workdir: Path, mesh) -> dict:
     save_predictions(model, loaded["variables"], dataset, config.eval.save_predictions, workdir / "predictions",
                      config.model.num_classes)
     summary = {"stage": "eval", "checkpoint": config.init.checkpoint, "miou": result["miou"],
+               "batch_statistics": "target training images" if config.eval.target_statistics else "checkpoint",
                "pixel_accuracy": result["pixel_accuracy"],
                "per_class_iou": dict(zip(names, np.asarray(result["per_class_iou"]).tolist()))}
     if "miou13" in result:
