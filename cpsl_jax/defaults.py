@@ -111,6 +111,9 @@ def base() -> mlc.ConfigDict:
     c.cpsl.rectify_threshold = 0.0
     c.cpsl.rectify = True          # ablation switch: prototype rectification of the soft pseudo labels
     c.cpsl.class_balanced = True   # ablation switch: False uses a uniform Sinkhorn prior
+    # prototypes tool: an image contributes to a class's initial prototype when at least this
+    # many of its output pixels (129x257 at the paper's size) are predicted as the class
+    c.cpsl.prototype_min_pixels = 10
     c.cpsl.teacher_ema = 0.999
     c.cpsl.prototype_ema = 0.999
     c.cpsl.cutmix_prob = 0.5

@@ -134,3 +134,21 @@ def test_true_soft_labels_written_by_the_soft_label_tool(tmp_path):
         got = store.read_soft(train[i]["name"]).astype(np.float32)
         # A 32x64 image has a 5x9 output grid (the network's logits there).
         np.testing.assert_allclose(got, tools.true_soft_label(train[i]["label"], 19, (5, 9)), atol=1e-3)
+
+
+def test_the_prototype_tool_reads_its_pixel_threshold_from_the_config(tmp_path):
+    """``cpsl.prototype_min_pixels``: with a threshold above the output grid's size no image
+    contributes and every prototype stays zero; with 1 every predicted class gets one."""
+    c = _config(4)
+    c.stage = "prototypes"
+    grid = 5 * 9  # the output grid of a 32x64 image
+    found = {}
+    for threshold in (grid + 1, 1):
+        c.cpsl.prototype_min_pixels = threshold
+        c.init.prototypes = str(tmp_path / f"prototypes_{threshold}.npy")
+        c.init.class_distribution = str(tmp_path / f"distribution_{threshold}.npy")
+        tools.run(c, tmp_path / f"w{threshold}")
+        found[threshold] = np.linalg.norm(np.load(c.init.prototypes), axis=1) > 0
+        predicted = np.load(c.init.class_distribution) > 0
+    assert not found[grid + 1].any()
+    np.testing.assert_array_equal(found[1], predicted)

@@ -194,7 +194,8 @@ def class_statistics(config: mlc.ConfigDict, workdir: Path, mesh, *, passes: int
 
     def fn(variables, batch):
         out = model.apply(variables, _images(batch), train=False)
-        means, present = cpsl.image_class_means(out["features"], out["logits"])
+        means, present = cpsl.image_class_means(out["features"], out["logits"],
+                                                min_pixels=config.cpsl.prototype_min_pixels)
         counts = jax.nn.one_hot(jnp.argmax(out["logits"], -1), c, dtype=jnp.float32).sum((1, 2))
         return {"means": means, "present": present, "counts": counts}
 
@@ -219,6 +220,26 @@ def class_statistics(config: mlc.ConfigDict, workdir: Path, mesh, *, passes: int
             "class_distribution": distribution.round(5).tolist()}
 
 
+@functools.lru_cache(maxsize=16)
+def _batch_statistics_step(model, global_batch: int, mesh):
+    """Jitted: each BatchNorm layer's batch mean and unbiased variance over a global batch, and
+    whether the batch is full (no padding). One per network and mesh, compiled once."""
+    from cpsl_jax.models.norm import BatchNorm
+
+    momentum = BatchNorm.momentum
+
+    def fn(variables, batch):
+        zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
+        _, new = model.apply({"params": variables["params"], "batch_stats": zeros}, _images(batch), train=True,
+                             mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+        # From zero, one update leaves momentum x (batch mean, unbiased batch variance).
+        stats = jax.tree.map(lambda a: a / momentum, new["batch_stats"])
+        full = jax.lax.psum(jnp.sum(batch["valid"].astype(jnp.int32)), parallel.AXIS) == global_batch
+        return stats, full
+
+    return parallel.sharded_eval(fn, mesh)
+
+
 def target_statistics(config: mlc.ConfigDict, variables: dict, mesh) -> tuple[dict, int]:
     """BatchNorm running statistics re-estimated on the target training images (AdaBN).
 
@@ -230,25 +251,11 @@ def target_statistics(config: mlc.ConfigDict, variables: dict, mesh) -> tuple[di
     Returns ``(batch_stats, images used)``; the last batch is left out when the split does
     not fill it.
     """
-    from cpsl_jax.models.norm import BatchNorm
-
-    model = state_lib.build_model(config, axis_name=parallel.AXIS)
-    momentum = BatchNorm.momentum
     global_batch = config.data.eval_batch_size
-
-    def fn(variables, batch):
-        zeros = jax.tree.map(jnp.zeros_like, variables["batch_stats"])
-        _, new = model.apply({"params": variables["params"], "batch_stats": zeros}, _images(batch), train=True,
-                             mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
-        # From zero, one update leaves momentum x (batch mean, unbiased batch variance).
-        stats = jax.tree.map(lambda a: a / momentum, new["batch_stats"])
-        full = jax.lax.psum(jnp.sum(batch["valid"].astype(jnp.int32)), parallel.AXIS) == global_batch
-        return stats, full
-
     dataset = open_split(config, "target", "train")
     options = pipeline.LoaderOptions(batch_size=pipeline.host_batch_size(global_batch),
                                      worker_count=config.data.worker_count)
-    compiled = parallel.sharded_eval(fn, mesh)
+    compiled = _batch_statistics_step(state_lib.build_model(config, axis_name=parallel.AXIS), global_batch, mesh)
     replicated = parallel.replicate(variables, mesh)
     total, count = None, 0
     for host in tqdm(pipeline.val_loader(dataset, options), total=-(-len(dataset) // global_batch),

@@ -191,14 +191,21 @@ def _student_variables(state: state_lib.TrainState) -> dict:
     return {"params": state.params["model"], "batch_stats": state.batch_stats}
 
 
+@functools.lru_cache(maxsize=16)
+def _compiled_eval_step(model, num_classes: int, flip: bool, mesh):
+    """The jitted evaluation step, one per network and mesh, so that evaluating several
+    checkpoints of one network (the demo's stages) compiles it once."""
+    return parallel.sharded_eval(functools.partial(steps.eval_step, model=model, num_classes=num_classes, flip=flip,
+                                                   axis_name=parallel.AXIS), mesh)
+
+
 def evaluate_variables(config: mlc.ConfigDict, variables: dict, dataset, mesh, *,
                        bn_pretrain: bool | None = None) -> dict:
     """mIoU, per-class IoU and pixel accuracy of ``variables`` on ``dataset`` (every image once)."""
     model = state_lib.build_model(config, axis_name=None, bn_pretrain=bn_pretrain)
     options = _loader_options(config, seed_offset=0, eval_=True)
     loader = pipeline.val_loader(dataset, options)
-    step = parallel.sharded_eval(functools.partial(steps.eval_step, model=model, num_classes=config.model.num_classes,
-                                                   flip=config.eval.flip, axis_name=parallel.AXIS), mesh)
+    step = _compiled_eval_step(model, config.model.num_classes, config.eval.flip, mesh)
     variables = parallel.replicate(variables, mesh)
     cm = np.zeros((config.model.num_classes,) * 2, np.int64)
     n_batches = math.ceil(len(dataset) / config.data.eval_batch_size)
