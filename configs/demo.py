@@ -56,6 +56,8 @@ REPORTED = {"source_only": "source only", "warmup": "warm-up (adversarial)", "st
 ORACLE = {"target_labels": "trained on target labels (oracle)",
           "stage1_true_labels": "stage 1 on true soft labels (its ceiling)"}
 ORACLE_STAGES = ("target_labels", "soft_labels_true", "stage1_true_labels")
+# The pipeline stage each true-label stage is, reading and writing the ground-truth store.
+TRUE_LABEL_STAGES = {"soft_labels_true": "soft_labels", "stage1_true_labels": "stage1"}
 
 STEPS = {"source_only": 1500, "warmup": 150, "stage1": 300, "stage2": 300}
 LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage2": 2.5e-3}
@@ -64,9 +66,8 @@ LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage
 def get_config(arg: str = "source_only"):
     stage, _, runs = arg.partition(",")
     runs = runs or "runs/demo"
-    true_labels = {"soft_labels_true": "soft_labels", "stage1_true_labels": "stage1"}
-    oracle = stage == "target_labels"
-    stage, truth = true_labels.get(stage, "source_only" if oracle else stage), stage in true_labels
+    oracle, truth = stage == "target_labels", stage in TRUE_LABEL_STAGES
+    stage = TRUE_LABEL_STAGES.get(stage, "source_only" if oracle else stage)
     c = defaults.base()
     c.stage = "warmup" if stage == "source_only" else stage
     defaults.apply_stage(c, c.stage if stage == "source_only" else stage, runs)

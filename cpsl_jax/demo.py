@@ -124,15 +124,23 @@ def evaluate_models(configs: dict[str, Any], variables: dict[str, dict], *,
     from cpsl_jax.train.loop import evaluate_variables
 
     mesh = parallel.make_mesh()
+    splits: dict[tuple[str, str], Any] = {}  # the stages share their data: draw or read it once
+
+    def split(config, name):
+        key = (json.dumps(config.data.to_dict(), sort_keys=True, default=str), name)
+        if key not in splits:
+            splits[key] = open_split(config, "target", name)
+        return splits[key]
+
     out = {}
     for name, config in configs.items():
-        val = open_split(config, "target", "val")
+        val = split(config, "val")
         result = evaluate_variables(config, variables[name], val, mesh)
         out[name] = {"miou": float(result["miou"]), "per_class_iou": np.asarray(result["per_class_iou"], float),
                      "pixel_accuracy": float(result["pixel_accuracy"]),
                      "confusion_matrix": np.asarray(result["confusion_matrix"])}
         if target_statistics:
-            stats, _ = tools.target_statistics(config, variables[name], mesh)
+            stats, _ = tools.target_statistics(config, variables[name], mesh, split(config, "train"))
             adapted = evaluate_variables(config, {**variables[name], "batch_stats": stats}, val, mesh)
             out[name]["miou_target_stats"] = float(adapted["miou"])
             out[name]["per_class_iou_target_stats"] = np.asarray(adapted["per_class_iou"], float)

@@ -240,7 +240,7 @@ def _batch_statistics_step(model, global_batch: int, mesh):
     return parallel.sharded_eval(fn, mesh)
 
 
-def target_statistics(config: mlc.ConfigDict, variables: dict, mesh) -> tuple[dict, int]:
+def target_statistics(config: mlc.ConfigDict, variables: dict, mesh, dataset=None) -> tuple[dict, int]:
     """BatchNorm running statistics re-estimated on the target training images (AdaBN).
 
     Every full global batch of ``data.eval_batch_size`` whole target training images passes
@@ -249,10 +249,10 @@ def target_statistics(config: mlc.ConfigDict, variables: dict, mesh) -> tuple[di
     cumulative average of PyTorch's ``momentum=None``). Parameters are unchanged. Measures how
     much of a model's target accuracy comes from its normalisation statistics alone.
     Returns ``(batch_stats, images used)``; the last batch is left out when the split does
-    not fill it.
+    not fill it. ``dataset``: the target training split when the caller has it open already.
     """
     global_batch = config.data.eval_batch_size
-    dataset = open_split(config, "target", "train")
+    dataset = open_split(config, "target", "train") if dataset is None else dataset
     options = pipeline.LoaderOptions(batch_size=pipeline.host_batch_size(global_batch),
                                      worker_count=config.data.worker_count)
     compiled = _batch_statistics_step(state_lib.build_model(config, axis_name=parallel.AXIS), global_batch, mesh)
