@@ -301,7 +301,14 @@ def test_sample_strong_milder_options():
     expect = np.where(flip[:, None, None, None], imgs[:, :, ::-1], imgs).astype(int)
     np.testing.assert_array_equal(out, expect)
     maps = jnp.asarray(np.random.default_rng(0).integers(0, 19, (16, CROP[0] // 4, CROP[1] // 4, 1)), jnp.float32)
-    _, valid = move_to_strong(maps, none)
+    moved, valid = move_to_strong(maps, none)
     assert np.asarray(valid).all()
+    # No RandAugment op drawn at all (``data.strong.ops=0``): the same view and maps as ops never applied.
+    zero = A.sample_strong(key, 16, CROP, n_ops=0, op_prob=0.0, blur_prob=0.0, jitter_prob=0.0, cutout=False)
+    assert zero.op.shape == (16, 0)
+    np.testing.assert_array_equal(np.round(np.asarray(A.strong_view(x, zero)) * 255).astype(int), expect)
+    moved0, valid0 = move_to_strong(maps, zero)
+    np.testing.assert_array_equal(np.asarray(moved0), np.asarray(moved))
+    assert np.asarray(valid0).all()
     with pytest.raises(ValueError, match="max_magnitude"):
         A.sample_strong(key, 2, CROP, max_magnitude=10)

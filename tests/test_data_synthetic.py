@@ -251,6 +251,11 @@ def test_cli_writes_layouts(tmp_path):
     with Image.open(tmp_path / 'cs' / 'leftImg8bit' / 'val' / 'synthetic'
                     / 'synthetic_000000_000001_leftImg8bit.png') as im:
         np.testing.assert_array_equal(np.asarray(im), expected['image'])
+    synthetic.main(['--out', str(tmp_path / 'tx'), '--layout', 'gta5', '--domain', 'target', '--splits', 'train',
+                    '--num', '1', '--size', '32', '64', '--texture', '2.5', '--exposure', '0.9'])
+    textured = SyntheticDataset('target', 'train', size=(32, 64), length=1, texture=2.5, exposure=0.9)[0]
+    with Image.open(tmp_path / 'tx' / 'images' / '00001.png') as im:
+        np.testing.assert_array_equal(np.asarray(im), textured['image'])
     with pytest.raises(SystemExit):
         synthetic.main(['--out', str(tmp_path / 'x'), '--layout', 'gta5', '--domain', 'source',
                         '--splits', 'train', 'val'])
@@ -333,6 +338,32 @@ def test_domain_shift_moves_target_class_colours_away_from_the_source():
     assert 'domain_shift' not in repr(SyntheticDataset('target', 'val'))
     with pytest.raises(ValueError, match='domain_shift'):
         SyntheticDataset('target', 'val', domain_shift=1.5)
+
+
+def test_texture_scales_the_targets_class_textures_only():
+    """``texture`` multiplies the per-class texture amplitudes: same scenes and labels, and the
+    spread of the levels inside large vegetation regions grows with it; the source ignores it."""
+    kw = dict(seed=1, size=(64, 128), length=8)
+    spread = {}
+    for t in (0.0, 1.0, 3.0):
+        ds = SyntheticDataset('target', 'train', texture=t, **kw)
+        stds = []
+        for i in range(len(ds)):
+            item = ds[i]
+            veg = item['label'] == 8
+            if veg.sum() > 200:
+                stds.append(item['image'][veg].astype(np.float64).mean(-1).std())
+            if t == 3.0:
+                np.testing.assert_array_equal(item['label'], SyntheticDataset('target', 'train', **kw)[i]['label'])
+        spread[t] = np.mean(stds)
+    assert spread[0.0] < spread[1.0] < spread[3.0], spread
+    assert spread[3.0] > 1.8 * spread[1.0], spread
+    src = SyntheticDataset('source', 'train', texture=3.0, **kw)[0]
+    np.testing.assert_array_equal(src['image'], SyntheticDataset('source', 'train', **kw)[0]['image'])
+    assert 'texture=3.0' in repr(SyntheticDataset('target', 'val', texture=3.0))
+    assert 'texture' not in repr(SyntheticDataset('target', 'val'))
+    with pytest.raises(ValueError, match='texture'):
+        SyntheticDataset('target', 'val', texture=-1)
 
 
 def test_exposure_darkens_the_target_only():

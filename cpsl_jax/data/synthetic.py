@@ -579,12 +579,13 @@ def render_source(cv: _Canvas, rng: Rng) -> np.ndarray:
 
 
 def render_target(cv: _Canvas, label: np.ndarray, rng: Rng, palette: np.ndarray | None = None,
-                  exposure: float = 1.0) -> np.ndarray:
+                  exposure: float = 1.0, texture: float = 1.0) -> np.ndarray:
     """Photo-like look: shifted palette, per-class textures, white balance, lower
     saturation and contrast, lighting gradient, vignetting, blur, exposure and sensor noise.
 
     ``palette``: the class colours (``target_palette()``); ``exposure`` scales every level
-    before the sensor noise (< 1: darker photos than the rendered source).
+    before the sensor noise (< 1: darker photos than the rendered source); ``texture`` scales
+    the per-class texture amplitudes (``_TARGET_TEXTURE``; 0: flat classes).
     """
     h, w = label.shape
     n = len(cv.keys)
@@ -594,7 +595,7 @@ def render_target(cv: _Canvas, label: np.ndarray, rng: Rng, palette: np.ndarray 
     colours += rng.normal(0.0, 9.0, (n, 3))
     img = colours.astype(np.float32)[cv.inst]
     # Per-class texture: smooth blotches, fine grain and horizontal streaks (grey levels).
-    tex = _TARGET_TEXTURE[np.minimum(label, 19)]                      # (h, w, 3)
+    tex = np.float32(texture) * _TARGET_TEXTURE[np.minimum(label, 19)]  # (h, w, 3)
     lum = tex[..., 0] * _smooth_noise(h, w, 6, rng)[..., 0]
     lum += tex[..., 1] * rng.standard_normal((h, w), dtype=np.float32)
     lum += tex[..., 2] * np.sin(np.arange(h, dtype=np.float32) * 2.1)[:, None]
@@ -652,7 +653,7 @@ class SyntheticDataset:
 
     def __init__(self, domain: str, split: str, num_classes: int = 19, seed: int = 0,
                  size: Sequence[int] = (128, 256), length: int | None = None, object_scale: float = 1.0,
-                 domain_shift: float = DEFAULT_DOMAIN_SHIFT, exposure: float = 1.0):
+                 domain_shift: float = DEFAULT_DOMAIN_SHIFT, exposure: float = 1.0, texture: float = 1.0):
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
         if split not in SPLITS:
@@ -665,9 +666,12 @@ class SyntheticDataset:
             raise ValueError(f'domain_shift must be in [0, 1], got {domain_shift}')
         if not 0 < exposure <= 2:
             raise ValueError(f'exposure must be in (0, 2], got {exposure}')
+        if not 0 <= texture <= 10:
+            raise ValueError(f'texture must be in [0, 10], got {texture}')
         self.object_scale = float(object_scale)
         self.domain_shift = float(domain_shift)
         self.exposure = float(exposure)
+        self.texture = float(texture)
         self._palette = target_palette(domain_shift) if domain == 'target' else None
         self.domain, self.split, self.seed = domain, split, int(seed)
         self.num_classes = num_classes
@@ -687,7 +691,8 @@ class SyntheticDataset:
                 + (f", object_scale={self.object_scale}" if self.object_scale != 1.0 else "")
                 + (f", domain_shift={self.domain_shift}"
                    if self.domain == 'target' and self.domain_shift != DEFAULT_DOMAIN_SHIFT else "")
-                + (f", exposure={self.exposure}" if self.domain == 'target' and self.exposure != 1.0 else "") + ")")
+                + (f", exposure={self.exposure}" if self.domain == 'target' and self.exposure != 1.0 else "")
+                + (f", texture={self.texture}" if self.domain == 'target' and self.texture != 1.0 else "") + ")")
 
     def __len__(self) -> int:
         return self.length
@@ -716,7 +721,7 @@ class SyntheticDataset:
         if self.domain == 'source':
             image = render_source(cv, rng)
         else:
-            image = render_target(cv, label19, rng, self._palette, self.exposure)
+            image = render_target(cv, label19, rng, self._palette, self.exposure, self.texture)
         return {'image': image, 'label': self._table[label19],
                 'name': f'{self.domain}_{self.split}_{i:06d}'}
 
@@ -779,13 +784,15 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help='how far the target class colours move toward their photo-like tones (0-1)')
     p.add_argument('--exposure', type=float, default=1.0,
                    help='brightness of the target images relative to the rendered look (< 1: darker)')
+    p.add_argument('--texture', type=float, default=1.0,
+                   help="scale of the target's per-class texture amplitudes (0: flat classes)")
     args = p.parse_args(argv)
     splits = args.splits or (['train', 'val'] if args.layout == 'cityscapes' else ['train'])
     if args.layout == 'gta5' and len(splits) != 1:
         p.error('the gta5 layout has no split folders: give one --splits value')
     for split in splits:
         ds = SyntheticDataset(args.domain, split, args.num_classes, args.seed, args.size,
-                              args.num, args.object_scale, args.domain_shift, args.exposure)
+                              args.num, args.object_scale, args.domain_shift, args.exposure, args.texture)
         write_layout(ds, args.out, args.layout, split)
         print(f'wrote {len(ds)} {args.domain}/{split} items to {args.out} ({args.layout})')
 
