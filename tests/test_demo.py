@@ -104,6 +104,28 @@ def test_the_oracle_trains_the_source_only_network_on_target_labels():
     assert list(module.ORACLE_STAGES) == ["target_labels", "soft_labels_true", "stage1_true_labels"]
 
 
+def test_stage2_trains_on_the_flipped_crop_at_a_lower_rate():
+    """The demo's stage 2 views its target crops with the strong view's ops, blur, jitter and
+    cutout off: each view is the crop or its mirror image. Stage 1's strong view is untouched."""
+    import jax
+    from cpsl_jax.train import steps
+
+    module = demo.load_config_module(CONFIG)
+    stage1 = demo.stage_config(module, "stage1", "runs/x", 0, {})
+    stage2 = demo.stage_config(module, "stage2", "runs/x", 0, {})
+    assert stage2.optim.base_lr < stage1.optim.base_lr
+    h, w = stage2.data.crop_size[1], stage2.data.crop_size[0]
+    crops = np.random.default_rng(0).integers(0, 256, (8, h, w, 3)).astype(np.float32) / 255
+    key = jax.random.PRNGKey(5)
+    params, view = steps._strong_view(key, crops, stage2, None)
+    flip = np.asarray(params.flip)
+    expect = np.where(flip[:, None, None, None], crops[:, :, ::-1], crops)
+    np.testing.assert_allclose(np.asarray(view), expect, atol=1 / 255)
+    assert 0 < flip.sum() < 8
+    _, strong = steps._strong_view(key, crops, stage1, None)
+    assert np.abs(np.asarray(strong) - expect).mean() > 0.02
+
+
 def test_demo_overrides_name_unknown_keys():
     module = demo.load_config_module(CONFIG)
     with pytest.raises(defaults.ConfigError, match="cpsl.sl_wieght"):
