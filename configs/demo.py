@@ -19,6 +19,9 @@ with ``cpsl_jax.main``, as for the paper's configs). The stages use the same cod
 * stage 1: 32 sampled pixels per image (a crop has 7x13 = 91 output pixels), a queue of
   1024 rows that fills after 8 of the 300 steps (the paper's 65,536 rows fill after 64 of
   its 90,000 steps; both well within the first tenth);
+* prototypes: an image adds to a class's initial prototype from 1 output pixel predicted as
+  the class (``cpsl.prototype_min_pixels``; the reference's 10 pixels of a 129x257 grid are
+  0.1 of the demo's 13x25 grid, and at 10 two or three classes got no prototype at all);
 * learning rates are higher and schedules shorter than the paper's, for a network trained
   from scratch for a few hundred steps.
 
@@ -93,6 +96,7 @@ def get_config(arg: str = "source_only"):
     c.data.colour_transfer = False
     c.cpsl.samples_per_image = 32
     c.cpsl.queue_size = 1024
+    c.cpsl.prototype_min_pixels = 1
 
     c.init.backbone_only = False
     if stage == "source_only":
