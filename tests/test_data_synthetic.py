@@ -344,7 +344,7 @@ def test_texture_scales_the_targets_class_textures_only():
     """``texture`` multiplies the per-class texture amplitudes: same scenes and labels, and the
     spread of the levels inside large vegetation regions grows with it; the source ignores it."""
     kw = dict(seed=1, size=(64, 128), length=8)
-    spread = {}
+    spread, plain = {}, SyntheticDataset('target', 'train', **kw)
     for t in (0.0, 1.0, 3.0):
         ds = SyntheticDataset('target', 'train', texture=t, **kw)
         stds = []
@@ -354,7 +354,7 @@ def test_texture_scales_the_targets_class_textures_only():
             if veg.sum() > 200:
                 stds.append(item['image'][veg].astype(np.float64).mean(-1).std())
             if t == 3.0:
-                np.testing.assert_array_equal(item['label'], SyntheticDataset('target', 'train', **kw)[i]['label'])
+                np.testing.assert_array_equal(item['label'], plain[i]['label'])
         spread[t] = np.mean(stds)
     assert spread[0.0] < spread[1.0] < spread[3.0], spread
     assert spread[3.0] > 1.8 * spread[1.0], spread

@@ -134,13 +134,11 @@ def last_geometric(params: StrongParams) -> dict[str, tuple[jnp.ndarray, jnp.nda
     out = {}
     for name in GEOMETRIC_ORDER:
         hit = params.apply & (params.op == OP[name])  # (B, n)
-        n = hit.shape[1]
-        if n == 0:  # no RandAugment ops drawn (``data.strong.ops=0``): nothing geometric applies
-            out[name] = (jnp.zeros(hit.shape[:1], bool), jnp.zeros(hit.shape[:1], values[name].dtype))
-            continue
-        # Index of the last hit (0 when none; masked by `applied` anyway).
-        last = jnp.max(jnp.where(hit, jnp.arange(n)[None, :], -1), axis=1)
-        value = jnp.take_along_axis(values[name], jnp.maximum(last, 0)[:, None], axis=1)[:, 0]
+        slots = jnp.arange(hit.shape[1])[None, :]
+        # Slot of the last hit, -1 when none (also when no op is drawn at all, ``data.strong.ops=0``).
+        last = jnp.max(jnp.where(hit, slots, -1), axis=1, initial=-1)
+        # Its value (0 when none; masked by `applied` anyway).
+        value = jnp.sum(jnp.where(slots == last[:, None], values[name], 0), axis=1)
         out[name] = (last >= 0, value)
     return out
 
