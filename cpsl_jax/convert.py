@@ -34,14 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization, traverse_util
 
-from cpsl_jax.models import DeepLabV2
+from cpsl_jax.models import DeepLabV2, init_variables, variable_shapes
 
 PathLike = str | os.PathLike
 # Entries of the reference checkpoint: network class names as the training script writes them.
 SEGMENTER_KEY = "ResNet101"
 DISCRIMINATOR_KEY = "FCDiscriminator"
-# Parameter shapes do not depend on the image size: initialise on a 1x1 image.
-_INIT_HW = (1, 1)
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
@@ -143,15 +141,12 @@ def _split_checkpoint(obj: Any, where: str) -> dict[str, Any]:
 @functools.lru_cache(maxsize=8)
 def _variable_shapes(num_classes: int, bn_pretrain: bool, depth: int, width: int, head_width: int) -> dict:
     model = DeepLabV2(num_classes=num_classes, depth=depth, bn_pretrain=bn_pretrain, width=width, head_width=head_width)
-    x = jax.ShapeDtypeStruct((1, *_INIT_HW, 3), jnp.float32)
-    shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0), x)
+    shapes = variable_shapes(model)
     return {col: traverse_util.flatten_dict(dict(shapes[col])) for col in ("params", "batch_stats")}
 
 
 def _fresh_variables(model: DeepLabV2, rng: jax.Array) -> dict:
-    """Fresh initialisation without running the network (``lazy_init`` drops the forward compute)."""
-    x = jax.ShapeDtypeStruct((1, *_INIT_HW, 3), jnp.float32)
-    v = model.lazy_init(rng, x, train=False)
+    v = init_variables(model, rng)
     return {col: traverse_util.flatten_dict(jax.device_get(dict(v[col]))) for col in ("params", "batch_stats")}
 
 

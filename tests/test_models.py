@@ -11,7 +11,8 @@ import pytest
 from flax import traverse_util
 from jax.sharding import PartitionSpec as P
 
-from cpsl_jax.models import DeepLabV2, backbone_multiplicity, output_size, param_labels
+from cpsl_jax.models import (DeepLabV2, backbone_multiplicity, init_variables, output_size, param_labels,
+                             variable_shapes)
 from cpsl_jax.models.layers import max_pool_3x3_s2_ceil
 from cpsl_jax.models.norm import BatchNorm
 
@@ -164,7 +165,11 @@ def test_remat_gives_same_gradients(tiny_vars):
 
 def test_fresh_init_follows_reference():
     model = DeepLabV2(num_classes=19, depth=14, width=16, head_width=64)
-    v = jax.jit(lambda k: model.init(k, jnp.zeros((1, 1, 1, 3))))(jax.random.PRNGKey(8))
+    v = init_variables(model, jax.random.PRNGKey(8))
+    # The shapes-only variant describes the same variables.
+    shapes = variable_shapes(model)
+    assert jax.tree.structure(shapes) == jax.tree.structure(v)
+    assert all(a.shape == s.shape and a.dtype == s.dtype for a, s in zip(jax.tree.leaves(v), jax.tree.leaves(shapes)))
     p = v["params"]
     k = np.asarray(p["layer4_0"]["conv2"]["kernel"])
     assert abs(k.std() - 0.01) < 5e-4 and abs(k.mean()) < 5e-4

@@ -40,6 +40,36 @@ def test_unknown_keys_and_missing_paths_fail_before_compiling(tmp_path):
         main.run(config, tmp_path / "w3")
 
 
+def test_loading_a_model_file_checks_its_shapes_and_initialises_nothing(tmp_path, monkeypatch):
+    """A stage that starts from a model file reads it as it is: no fresh initialisation is
+    computed (its structure is checked against shapes alone), and a file of another network
+    is refused, naming the file."""
+    import jax
+    from flax import serialization
+
+    from cpsl_jax import models
+    from cpsl_jax.train import io
+    from cpsl_jax.train.state import build_model
+
+    config = tiny("eval")
+    rng = np.random.default_rng()
+    shapes = models.variable_shapes(build_model(config, axis_name=None))
+    variables = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
+    path = tmp_path / "other.msgpack"
+    path.write_bytes(serialization.msgpack_serialize({"variables": variables}))
+
+    def no_init(*args, **kwargs):
+        raise AssertionError("a fresh initialisation was computed")
+
+    monkeypatch.setattr(models, "init_variables", no_init)
+    loaded = io.load_variables(config, str(path))["variables"]
+    for got, want in zip(jax.tree.leaves(loaded), jax.tree.leaves(variables), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), want)
+    config.model.width = 16
+    with pytest.raises(ValueError, match="other.msgpack: the weights do not fit"):
+        io.load_variables(config, str(path))
+
+
 def warmup(steps, *, checkpoint_every, eval_every):
     """The tiny warm-up run for ``steps`` steps."""
     c = tiny("warmup")
@@ -51,6 +81,12 @@ def _model_bytes(workdir):
     return (Path(workdir) / "model.msgpack").read_bytes()
 
 
+# The runs of the tiny warm-up compile one program: one xdist worker runs them, so that all but
+# the first find it in the run's compilation cache (tests/conftest.py).
+TINY_WARMUP_RUNS = pytest.mark.xdist_group("tiny-warmup-runs")
+
+
+@TINY_WARMUP_RUNS
 def test_interrupted_run_resumes_exactly(tmp_path):
     """2 steps, stop, resume to 4 == 4 steps in one go: same parameters, optimizer and data position."""
     config = lambda steps: warmup(steps, checkpoint_every=2, eval_every=0)  # noqa: E731
@@ -62,6 +98,7 @@ def test_interrupted_run_resumes_exactly(tmp_path):
     assert _model_bytes(tmp_path / "resumed") == _model_bytes(tmp_path / "straight")
 
 
+@TINY_WARMUP_RUNS
 def test_the_best_model_survives_a_resume(tmp_path):
     """A resumed run compares its validations with the best one before the interruption."""
     import json

@@ -10,8 +10,10 @@ from cpsl_jax.models.deeplab import (
     Bottleneck,
     DeepLabV2,
     backbone_multiplicity,
+    init_variables,
     output_size,
     param_labels,
+    variable_shapes,
 )
 from cpsl_jax.models.discriminator import Discriminator
 from cpsl_jax.models.layers import conv2d
@@ -26,6 +28,8 @@ __all__ = [
     "Discriminator",
     "backbone_multiplicity",
     "conv2d",
+    "init_variables",
     "output_size",
     "param_labels",
+    "variable_shapes",
 ]

@@ -40,13 +40,12 @@ def open_split(config: mlc.ConfigDict, domain: str, split: str):
 
 def init_variables(config: mlc.ConfigDict, rng: jax.Array, *, bn_pretrain: bool | None = None) -> dict:
     """Fresh variables of the configured network (the reference's initialisation)."""
-    model = state_lib.build_model(config, axis_name=None, bn_pretrain=bn_pretrain)
-    return dict(model.init(rng, jnp.zeros((1, 65, 65, 3), jnp.float32), train=False))
+    return models.init_variables(state_lib.build_model(config, axis_name=None, bn_pretrain=bn_pretrain), rng)
 
 
 def init_discriminator(config: mlc.ConfigDict, rng: jax.Array) -> dict:
     c = config.model.num_classes
-    return dict(models.Discriminator().init(rng, jnp.zeros((1, 32, 32, c), jnp.float32)))
+    return dict(jax.jit(models.Discriminator().init)(rng, jnp.zeros((1, 32, 32, c), jnp.float32)))
 
 
 def load_variables(config: mlc.ConfigDict, path: str, *, backbone_only: bool = False,
@@ -59,10 +58,9 @@ def load_variables(config: mlc.ConfigDict, path: str, *, backbone_only: bool = F
     """
     m = config.model
     bn = m.bn_pretrain if bn_pretrain is None else bn_pretrain
-    fresh = {"variables": init_variables(config, jax.random.PRNGKey(config.seed), bn_pretrain=bn),
-             "prototypes": None, "discriminator": None}
     if not path:
-        return fresh
+        return {"variables": init_variables(config, jax.random.PRNGKey(config.seed), bn_pretrain=bn),
+                "prototypes": None, "discriminator": None}
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.endswith(MODEL_SUFFIX):
@@ -80,8 +78,10 @@ def load_variables(config: mlc.ConfigDict, path: str, *, backbone_only: bool = F
                         loaded["unexpected"][0])
     variables = loaded["variables"]
     if backbone_only:
-        variables = _with_fresh_head(variables, fresh["variables"])
-    _check_structure(variables, fresh["variables"], path)
+        variables = _with_fresh_head(variables, init_variables(config, jax.random.PRNGKey(config.seed),
+                                                               bn_pretrain=bn))
+    _check_structure(variables, models.variable_shapes(state_lib.build_model(config, axis_name=None,
+                                                                         bn_pretrain=bn)), path)
     return {**loaded, "variables": jax.tree.map(jnp.asarray, variables)}
 
 
@@ -95,7 +95,7 @@ def _with_fresh_head(variables: dict, fresh: dict) -> dict:
 
 
 def _check_structure(variables: dict, expected: dict, path: str) -> None:
-    want = jax.tree.map(lambda x: tuple(np.shape(x)), expected)
+    want = jax.tree.map(lambda x: tuple(x.shape), expected)
     got = jax.tree.map(lambda x: tuple(np.shape(x)), {k: variables.get(k, {}) for k in expected})
     if want != got:
         raise ValueError(f"{path}: the weights do not fit the configured network (model.depth/width/head_width/"
