@@ -19,12 +19,12 @@ jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_train_steps import build, make_batch, tiny_config  # noqa: E402
+from test_train_steps import EQUIVALENCE, build, make_batch, tiny_config  # noqa: E402
 
 from cpsl_jax.train import parallel  # noqa: E402
 
 assert jax.device_count() == 4 and jax.local_device_count() == 2
-config = tiny_config("stage2", **{"model.dropout_rate": 0.0, "optim.base_lr": 1e-3})
+config = tiny_config("stage2", **EQUIVALENCE)
 fn, state = build(config)
 mesh = parallel.make_mesh()
 step = parallel.data_parallel(fn, mesh)

@@ -8,13 +8,14 @@ import jax
 import numpy as np
 import portpicker
 
-from test_train_steps import build, make_batch, tiny_config
+from test_train_steps import EQUIVALENCE, FOUR_DEVICE_STAGE2, build, make_batch, tiny_config
 
 from cpsl_jax.train import parallel
 
 HERE = Path(__file__).resolve().parent
 
 
+@FOUR_DEVICE_STAGE2  # its one-process reference is the 4-device step of that test
 def test_two_processes_match_one_process_with_four_devices(tmp_path):
     port = portpicker.pick_unused_port()
     out = tmp_path / "state.npz"
@@ -24,7 +25,7 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     for p, log in zip(procs, logs):
         assert p.returncode == 0, log[-3000:]
 
-    config = tiny_config("stage2", **{"model.dropout_rate": 0.0, "optim.base_lr": 1e-3})
+    config = tiny_config("stage2", **EQUIVALENCE)
     fn, state = build(config)
     mesh = parallel.make_mesh(jax.devices()[:4])
     step = parallel.data_parallel(fn, mesh)

@@ -100,9 +100,18 @@ def run(config, batches, devices, backend="shard_map"):
     return state, history
 
 
-@pytest.mark.parametrize("stage", ["warmup", "stage1", "stage2"])
+# Tests that compile the same program run on one xdist worker (``--dist loadgroup``), one after
+# the other, so that the second finds it in the run's compilation cache (tests/conftest.py).
+ONE_DEVICE_STAGE1 = pytest.mark.xdist_group("stage1-one-device")    # dropout on, lr 2e-2
+FOUR_DEVICE_STAGE1 = pytest.mark.xdist_group("stage1-four-devices")  # dropout off, lr 1e-3
+FOUR_DEVICE_STAGE2 = pytest.mark.xdist_group("stage2-four-devices")  # with tests/test_multihost.py
+FIXED_BATCH_LR = 2e-2
+EQUIVALENCE = {"model.dropout_rate": 0.0, "optim.base_lr": 1e-3}
+
+
+@pytest.mark.parametrize("stage", ["warmup", pytest.param("stage1", marks=ONE_DEVICE_STAGE1), "stage2"])
 def test_steps_are_finite_and_learn_on_a_fixed_batch(stage):
-    config = tiny_config(stage, **{"optim.base_lr": 2e-2})
+    config = tiny_config(stage, **{"optim.base_lr": FIXED_BATCH_LR})
     batch = make_batch(config, np.random.default_rng(0), noise=0)
     _, history = run(config, [batch] * 10, devices=1)
     losses = np.array([h["loss"] for h in history])
@@ -134,7 +143,8 @@ def _assert_states_close(a, b, rtol):
         assert err < rtol, f"{field}: relative L2 difference {err:.2e}"
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", [pytest.param("stage1", marks=FOUR_DEVICE_STAGE1),
+                                   pytest.param("stage2", marks=FOUR_DEVICE_STAGE2)])
 def test_four_devices_give_the_state_of_one_device(stage):
     """Each step on 4 devices (one image each) equals the step on 1 device with all 4 images.
 
@@ -145,7 +155,7 @@ def test_four_devices_give_the_state_of_one_device(stage):
     are the only draw that depends on how the batch is split. The momentum buffers compared
     hold the gradients themselves.
     """
-    config = tiny_config(stage, **{"model.dropout_rate": 0.0, "optim.base_lr": 1e-3})
+    config = tiny_config(stage, **EQUIVALENCE)
     # Fixed data: on an untrained network some random draws put a rectified pseudo label's
     # argmax within rounding of a tie, and 1 vs 4 devices may then label one pixel differently.
     rng = np.random.default_rng(7)
@@ -167,8 +177,9 @@ def test_four_devices_give_the_state_of_one_device(stage):
         assert bool(state.feature_queue.was_in_use) and float(m1["contrastive"]) != 0.0
 
 
+@FOUR_DEVICE_STAGE1
 def test_pmap_gives_the_state_of_shard_map():
-    config = tiny_config("stage1", **{"model.dropout_rate": 0.0})
+    config = tiny_config("stage1", **EQUIVALENCE)
     rng = np.random.default_rng()
     batches = [make_batch(config, rng) for _ in range(2)]
     sm, _ = run(config, batches, devices=4, backend="shard_map")
@@ -176,14 +187,16 @@ def test_pmap_gives_the_state_of_shard_map():
     _assert_states_close(pm, sm, rtol=1e-5)
 
 
+@ONE_DEVICE_STAGE1
 def test_scanned_student_passes_equal_separate_passes():
     """``train.scan_passes`` compiles the network once for the three student passes of stage 1;
     the step's state (batch statistics chained pass after pass, dropout on) is the one the
     separate passes give. (Fixed data, as in the 4-device test: argmax near-ties.)"""
-    config = tiny_config("stage1")
+    lr = {"optim.base_lr": FIXED_BATCH_LR}
+    config = tiny_config("stage1", **lr)
     batch = make_batch(config, np.random.default_rng(7))
-    scanned, hs = run(tiny_config("stage1", **{"train.scan_passes": True}), [batch], devices=1)
-    unrolled, hu = run(tiny_config("stage1", **{"train.scan_passes": False}), [batch], devices=1)
+    scanned, hs = run(tiny_config("stage1", **lr, **{"train.scan_passes": True}), [batch], devices=1)
+    unrolled, hu = run(tiny_config("stage1", **lr, **{"train.scan_passes": False}), [batch], devices=1)
     np.testing.assert_allclose(hs[0]["loss"], hu[0]["loss"], rtol=1e-5)
     _assert_states_close(scanned, unrolled, rtol=1e-4)
     # Each pass moved the running statistics: they differ from the initial ones.
