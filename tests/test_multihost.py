@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import portpicker
 
-from test_train_steps import EQUIVALENCE, FOUR_DEVICE_STAGE2, build, make_batch, tiny_config
+from test_train_steps import EQUIVALENCE, FOUR_DEVICE_STAGE2, _assert_states_close, build, make_batch, tiny_config
 
 from cpsl_jax.train import parallel
 
@@ -33,9 +33,13 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path):
     rng = np.random.default_rng(11)
     for _ in range(2):
         state, metrics = step(state, parallel.shard_batch(make_batch(config, rng), mesh))
-    expected = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state))]
+    state = jax.device_get(state)
+    leaves, treedef = jax.tree.flatten(state)
     got = np.load(out)
-    assert len(got.files) == len(expected) + 1
+    assert len(got.files) == len(leaves) + 1
     np.testing.assert_allclose(float(got["loss"]), float(metrics["loss"]), rtol=1e-5)
-    for i, want in enumerate(expected):
-        np.testing.assert_allclose(got[f"arr_{i}"], want, rtol=1e-4, atol=1e-6)
+    # The criterion of the 1-vs-4-device tests: each field of the state to a relative L2 error of
+    # 1e-4 (element by element, a BatchNorm bias whose gradient is pure summation-order noise
+    # can differ entirely).
+    two_processes = jax.tree.unflatten(treedef, [got[f"arr_{i}"] for i in range(len(leaves))])
+    _assert_states_close(two_processes, state, rtol=1e-4)
