@@ -120,6 +120,10 @@ def base() -> mlc.ConfigDict:
     c.cpsl.prototype_ema = 0.999
     c.cpsl.cutmix_prob = 0.5
     c.cpsl.teacher_train_mode = True  # quirk: the EMA teacher runs with batch statistics and dropout
+    # True: only the (mixed) weak target pass moves the student's running BatchNorm statistics,
+    # which evaluation normalises with; the reference (False) moves them in all three passes
+    # (source, mixed weak target, strong view), a blend of source and distorted-target statistics
+    c.cpsl.target_running_stats = False
     c.cpsl.batched_sinkhorn = False   # paper intent: one Sinkhorn over the whole batch
     c.cpsl.queue_unnormalised_prototypes = True  # quirk: queue rows scored against un-normalised P
     c.cpsl.anchor_label_quirk = True  # quirk: contrastive anchor labels read at 65x113 indices of 129x257

@@ -191,6 +191,37 @@ def test_pmap_gives_the_state_of_shard_map():
     _assert_states_close(pm, sm, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_passes_that_do_not_update_running_statistics_leave_them(scan):
+    """``cpsl.target_running_stats``: of stage 1's three student passes only the weak target one
+    moves the running statistics. Every pass still normalises with its own batch statistics
+    (outputs as with all passes updating), and the statistics left are those of the weak pass
+    alone, applied to the initial ones."""
+    config = tiny_config("stage1", **{"model.dropout_rate": 0.0})
+    model = state_lib.build_model(config, axis_name=None)
+    rng = np.random.default_rng()
+    variables = init_variables(config, jax.random.PRNGKey(0))
+    views = [jax.numpy.asarray(rng.uniform(0, 1, (2, 32, 48, 3)), jax.numpy.float32) * (i + 1) for i in range(3)]
+    keys = list(jax.random.split(jax.random.PRNGKey(1), 3))
+
+    def run_passes(update):
+        passes = steps._StudentPasses(model, variables["params"], variables["batch_stats"], views, keys, scan=scan,
+                                      update_stats=update)
+        outs = [passes.next() for _ in views]
+        return outs, passes.stats
+
+    outs_all, stats_all = run_passes(None)
+    outs_weak, stats_weak = run_passes((False, True, False))
+    _, alone = steps._apply(model, variables["params"], variables["batch_stats"], views[1], train=True, key=keys[1])
+    for a, b in zip(jax.tree.leaves(outs_weak), jax.tree.leaves(outs_all)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(stats_weak), jax.tree.leaves(alone)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    # With every pass updating, the third view (3x the first's scale) dominates instead.
+    first_var = lambda stats: np.asarray(jax.tree.leaves(stats)[1])  # noqa: E731
+    assert np.abs(first_var(stats_all) - first_var(stats_weak)).max() > 1e-3
+
+
 @ONE_DEVICE_STAGE1
 def test_scanned_student_passes_equal_separate_passes():
     """``train.scan_passes`` compiles the network once for the three student passes of stage 1;

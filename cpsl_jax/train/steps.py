@@ -96,23 +96,28 @@ class _StudentPasses:
     ``cpsl_jax/defaults.py``). The warm-up has 2 passes, stage 1 has 3 and stages 2/3 have 2.
     """
 
-    def __init__(self, model, params, batch_stats, views, keys, *, scan: bool):
+    def __init__(self, model, params, batch_stats, views, keys, *, scan: bool, update_stats=None):
         self._model, self._params, self._views, self._keys, self._scan = model, params, views, keys, scan
+        # Which passes move the running statistics (all by default); the others leave them as
+        # they found them, still normalising with their own batch statistics.
+        self._update = tuple(update_stats) if update_stats is not None else (True,) * len(views)
         self.stats, self._done, self._outs = batch_stats, 0, None
 
     def next(self) -> dict:
         i = self._done
         self._done += 1
         if not self._scan:
-            out, self.stats = _apply(self._model, self._params, self.stats, self._views[i], train=True,
-                                     key=self._keys[i])
+            out, stats = _apply(self._model, self._params, self.stats, self._views[i], train=True, key=self._keys[i])
+            self.stats = stats if self._update[i] else self.stats
             return out
         if self._outs is None:
             def body(stats, xs):
-                out, stats = _apply(self._model, self._params, stats, xs[0], train=True, key=xs[1])
-                return stats, out
+                view, key, update = xs
+                out, new = _apply(self._model, self._params, stats, view, train=True, key=key)
+                return jax.tree.map(lambda a, b: jnp.where(update, a, b), new, stats), out
 
-            self.stats, self._outs = lax.scan(body, self.stats, (jnp.stack(self._views), jnp.stack(self._keys)))
+            xs = (jnp.stack(self._views), jnp.stack(self._keys), jnp.asarray(self._update))
+            self.stats, self._outs = lax.scan(body, self.stats, xs)
         return jax.tree.map(lambda a: a[i], self._outs)
 
 
@@ -309,7 +314,8 @@ def stage1_step(state: TrainState, batch: Batch, *, model, tx, config, axis_name
 
     def loss_fn(params):
         passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, mixed_img, strong_img],
-                                [k_d1, k_d2, k_d3], scan=config.train.scan_passes)
+                                [k_d1, k_d2, k_d3], scan=config.train.scan_passes,
+                                update_stats=(not c.target_running_stats, True, not c.target_running_stats))
         out_s = passes.next()
         source_ce = _segmentation_loss(out_s["logits"], src_lbl, config, rce=False, axis_name=axis_name)
         out_w = passes.next()
