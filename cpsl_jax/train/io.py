@@ -58,8 +58,9 @@ def load_variables(config: mlc.ConfigDict, path: str, *, backbone_only: bool = F
     """
     m = config.model
     bn = m.bn_pretrain if bn_pretrain is None else bn_pretrain
+    model = state_lib.build_model(config, axis_name=None, bn_pretrain=bn)
     if not path:
-        return {"variables": init_variables(config, jax.random.PRNGKey(config.seed), bn_pretrain=bn),
+        return {"variables": models.init_variables(model, jax.random.PRNGKey(config.seed)),
                 "prototypes": None, "discriminator": None}
     if not Path(path).is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -78,10 +79,8 @@ def load_variables(config: mlc.ConfigDict, path: str, *, backbone_only: bool = F
                         loaded["unexpected"][0])
     variables = loaded["variables"]
     if backbone_only:
-        variables = _with_fresh_head(variables, init_variables(config, jax.random.PRNGKey(config.seed),
-                                                               bn_pretrain=bn))
-    _check_structure(variables, models.variable_shapes(state_lib.build_model(config, axis_name=None,
-                                                                         bn_pretrain=bn)), path)
+        variables = _with_fresh_head(variables, models.init_variables(model, jax.random.PRNGKey(config.seed)))
+    _check_structure(variables, models.variable_shapes(model), path)
     return {**loaded, "variables": jax.tree.map(jnp.asarray, variables)}
 
 
