@@ -10,11 +10,15 @@ resumption, one step under two tests that share a config. A cache folder made he
 pytest-xdist starts its workers (they inherit the environment), lets every process of this
 run reuse what another compiled; it is removed when the run ends. It starts empty, so a test
 run times the same on a fresh machine and here. A cache the caller names in
-``JAX_COMPILATION_CACHE_DIR`` is used as it is and kept.
+``JAX_COMPILATION_CACHE_DIR`` is used as it is and kept. For the same reason the tests that
+compile one program carry one ``xdist_group`` mark, and a run spread over workers (``-n N``)
+keeps each group on one worker.
 """
 import os
 import shutil
 import tempfile
+
+import pytest
 
 _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
@@ -27,6 +31,15 @@ if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
     # Only programs that took a second to compile: the many small ones cost more to store.
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    # pytest-xdist's default spreading ("load") ignores the groups; "loadgroup" spreads the
+    # same way and keeps a group together. Set here rather than in addopts, so that a run
+    # without xdist (``-p no:xdist``) still parses its options.
+    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "dist", "no") == "load":
+        config.option.dist = "loadgroup"
 
 
 def pytest_unconfigure(config):
