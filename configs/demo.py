@@ -66,6 +66,14 @@ ORACLE_STAGES = ("target_labels", "soft_labels_true", "stage1_true_labels")
 # The pipeline stage each true-label stage is, reading and writing the ground-truth store.
 TRUE_LABEL_STAGES = {"soft_labels_true": "soft_labels", "stage1_true_labels": "stage1"}
 
+# ``--ablations`` also runs stage 1 with each of the demo's own stage-1 choices undone (the
+# demo's generic rows switch off CPSL's components; ``cpsl_jax.demo.ABLATIONS``).
+ABLATIONS = {
+    "all_running_stats": ("running statistics from all three passes (the reference's)",
+                          {"cpsl.target_running_stats": False}),
+    "consistency_5": ("consistency weight 5 (the paper's)", {"cpsl.consistency_weight": 5.0}),
+}
+
 STEPS = {"source_only": 1500, "warmup": 150, "stage1": 300, "stage2": 300}
 LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage2": 5e-4}
 # Stage 2's view of its target crops: the strong view with everything but the flip off.
@@ -112,6 +120,10 @@ def get_config(arg: str = "source_only"):
         c.model.bn_pretrain = False
     if stage == "stage1":
         c.cpsl.rce = False
+        # Running statistics of the target alone, and a consistency weight scaled to a teacher
+        # that moves a quarter of the way from the warm-up in 300 steps (module docstring).
+        c.cpsl.target_running_stats = True
+        c.cpsl.consistency_weight = 1.0
     if stage in ("stage1", "hard_labels"):
         c.init.checkpoint = c.init.checkpoint.replace("best_model", "model")
     if stage == "stage2":

@@ -18,7 +18,7 @@ baseline: what normalisation alone accounts for) and ``<workdir>/demo.png``
 (one row per val image: input | ground truth | each reported model, and a colour key). With
 several seeds each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one
 CPSL component switched off, or the paper's reverse cross-entropy switched back on
-(``ABLATIONS``), that share the seed's warm-up and pseudo labels; ``--oracle`` adds the
+(``ABLATIONS``; a config file may add its own), that share the seed's warm-up and pseudo labels; ``--oracle`` adds the
 config's ``ORACLE`` rows (running its ``ORACLE_STAGES``), ceilings measured with the target's
 labels.
 """
@@ -40,7 +40,8 @@ from cpsl_jax.data import layouts
 
 log = logging.getLogger("cpsl_jax.demo")
 
-# Stage-1 ablations: name -> (title, config overrides).
+# Stage-1 ablations of every config: name -> (title, config overrides). A config file may add
+# its own (its ``ABLATIONS``, e.g. undoing one of its departures from the paper).
 ABLATIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "uniform_prior": ("no class balance (uniform Sinkhorn prior)", {"cpsl.class_balanced": False}),
     "no_rectification": ("no prototype rectification", {"cpsl.rectify": False}),
@@ -62,6 +63,15 @@ def load_config_module(path: str):
             raise defaults.ConfigError(f"{path} defines no {name} (a demo config needs get_config, STAGES and "
                                        "REPORTED)")
     return module
+
+
+def ablations_of(module) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The stage-1 ablations ``--ablations`` runs for a config file: ours, then the file's."""
+    extra = getattr(module, "ABLATIONS", {})
+    clash = sorted(set(extra) & set(ABLATIONS))
+    if clash:
+        raise defaults.ConfigError(f"{module.__file__}: ABLATIONS {clash} shadow the demo's own ablations")
+    return {**ABLATIONS, **extra}
 
 
 def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dict[str, Any],
@@ -287,7 +297,8 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
     workdir.mkdir(parents=True, exist_ok=True)
     overrides = dict(overrides or {})
     titles = dict(module.REPORTED)
-    titles.update({f"stage1_{k}": f"stage 1, {t}" for k, (t, _) in ABLATIONS.items()})
+    rows = ablations_of(module)
+    titles.update({f"stage1_{k}": f"stage 1, {t}" for k, (t, _) in rows.items()})
     if oracle:
         titles.update(module.ORACLE)
     t_start = time.perf_counter()
@@ -305,7 +316,7 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
             if stage in module.REPORTED:
                 configs[stage], workdirs[stage] = config, runs / stage
         if ablations:
-            for key, (_, changes) in ABLATIONS.items():
+            for key, (_, changes) in rows.items():
                 config = stage_config(module, "stage1", runs, seed, {**overrides, **changes}, steps)
                 name = f"stage1_{key}"
                 run_stage(config, runs / name)

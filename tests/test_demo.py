@@ -140,3 +140,20 @@ def test_demo_overrides_name_unknown_keys():
         defaults.set_key(config, "optim.max_steps", "many")
     with pytest.raises(defaults.ConfigError, match="'optim.max_steps.x'"):
         defaults.set_key(config, "optim.max_steps.x", 1)
+
+
+def test_ablations_add_the_config_files_own_rows():
+    """``--ablations`` runs the demo's generic rows and then the config file's, each the
+    stage-1 config with only its overrides changed."""
+    module = demo.load_config_module(CONFIG)
+    rows = demo.ablations_of(module)
+    assert list(rows) == list(demo.ABLATIONS) + list(module.ABLATIONS)
+    stage1 = demo.stage_config(module, "stage1", "runs/x", 0, {}).to_dict()
+    for name, (_, changes) in rows.items():
+        ablated = demo.stage_config(module, "stage1", "runs/x", 0, changes).to_dict()
+        changed = {f"cpsl.{k}" for k in ablated["cpsl"] if ablated["cpsl"][k] != stage1["cpsl"][k]}
+        assert changed == set(changes), name
+        assert {k: v for k, v in ablated.items() if k != "cpsl"} == {k: v for k, v in stage1.items() if k != "cpsl"}
+    module.ABLATIONS = {"rce": ("again", {})}
+    with pytest.raises(defaults.ConfigError, match="rce"):
+        demo.ablations_of(module)
