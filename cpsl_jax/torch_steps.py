@@ -46,6 +46,9 @@ the networks):
   (sampled positions, anchors, dropout), so the two frameworks see different draws.
 * The contrastive term is computed only on iterations where it counts (the JAX step
   computes it always and multiplies by 0).
+
+``cpsl.target_running_stats`` is followed as in the JAX step: the source and strong-view
+passes then run with BatchNorm momentum 0.
 """
 
 from __future__ import annotations
@@ -543,6 +546,22 @@ def mix_labels(target_low: torch.Tensor, source_full: torch.Tensor, box) -> torc
 
 # -- the steps ------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def running_stats_frozen(net: nn.Module, frozen: bool = True):
+    """BatchNorm layers of ``net`` normalise with their batch statistics but leave the running
+    ones as they are (momentum 0), as the JAX step's passes that ``cpsl.target_running_stats``
+    keeps from updating them."""
+    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
+
+
 def configure_backends(mode: str, device: torch.device) -> None:
     """cudnn autotuning and TF32 as the reference runs (GPU only)."""
     if mode not in MODES:
@@ -719,10 +738,13 @@ class Stage1Step(_Step):
             flat_sl = label_sl_teacher.flatten(1)
             push_labels = flat_sl[:, :n] if c.queue_label_quirk else flat_sl[:, positions]
 
+        # With ``target_running_stats`` only the weak target pass moves the running statistics.
         with self._autocast():
-            out_s = self.student_fwd(self._input(src_img))
+            with running_stats_frozen(self.student, c.target_running_stats):
+                out_s = self.student_fwd(self._input(src_img))
             out_w = self.student_fwd(self._input(mixed_img))
-            out_st = self.student_fwd(self._input(strong_img))
+            with running_stats_frozen(self.student, c.target_running_stats):
+                out_st = self.student_fwd(self._input(strong_img))
         source_ce = self._segmentation_loss(out_s["out"].float(), src_lbl, rce=False)
         target_ce = self._segmentation_loss(out_w["out"].float(), target_lbl, rce=c.rce)
         sl, was_in_use = self_labeling_loss(sl_feats, sl_logits, self.prototypes, self.feature_queue,

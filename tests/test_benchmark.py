@@ -194,3 +194,44 @@ def test_failing_variant_is_a_row_not_a_crash(tmp_path):
 def test_benchmark_module_imports_without_torch():
     code = "import sys, cpsl_jax.benchmark; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def copy_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+def test_frozen_running_stats_normalise_alike_and_leave_the_statistics():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)).train()
+    x = torch.randn(2, 3, 8, 8) * 3 + 1
+    before = copy_state(net)
+    with T.running_stats_frozen(net):
+        frozen_out = net(x)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items() if "running" in k)
+    assert [m.momentum for m in net if isinstance(m, torch.nn.BatchNorm2d)] == [0.1, 0.1]
+    moving_out = net(x)  # the same batch statistics normalise it; now the running ones move
+    torch.testing.assert_close(frozen_out, moving_out)
+    mean = net[0](x).mean(dim=(0, 2, 3))
+    torch.testing.assert_close(net[1].running_mean, 0.9 * before["1.running_mean"] + 0.1 * mean)
+
+
+@pytest.mark.parametrize("target_only", [False, True])
+def test_the_torch_stage1_step_moves_running_stats_where_the_jax_step_does(target_only):
+    """The source, mixed weak target and strong passes, in that order: with
+    ``cpsl.target_running_stats`` only the middle one runs with a BatchNorm momentum."""
+    config = defaults.load_config_file(ROOT / "configs/tiny.py").get_config("stage1")
+    config.cpsl.target_running_stats = target_only
+    step = T.make_step(config, "fp32", "cpu")
+    seen, forward = [], step.student_fwd
+
+    def recording(x):
+        seen.append(next(m.momentum for m in step.student.modules() if isinstance(m, torch.nn.BatchNorm2d)))
+        return forward(x)
+
+    step.student_fwd = recording
+    out = step.step(T.to_device_batch(benchmark.random_batch(config, np.random.default_rng(0)), "cpu"))
+    assert math.isfinite(float(out["loss"]))
+    moving = [m for m in seen if m]
+    assert len(seen) == 3 and len(moving) == (1 if target_only else 3)
+    assert (seen[1] != 0.0) and (seen[0] == 0.0) == target_only == (seen[2] == 0.0)
