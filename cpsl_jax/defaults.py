@@ -135,6 +135,9 @@ def base() -> mlc.ConfigDict:
     c.kd.weight = 1.0
     c.kd.quirk = True              # quirk: KL against probabilities, not log-probabilities
     c.kd.rce = False
+    # True: only the target pass moves the student's running BatchNorm statistics (as
+    # cpsl.target_running_stats in stage 1); the reference (False) moves them in both passes
+    c.kd.target_running_stats = False
 
     # -- adversarial warm-up ------------------------------------------------------------------
     c.adv = mlc.ConfigDict()

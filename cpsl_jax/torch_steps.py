@@ -47,8 +47,8 @@ the networks):
 * The contrastive term is computed only on iterations where it counts (the JAX step
   computes it always and multiplies by 0).
 
-``cpsl.target_running_stats`` is followed as in the JAX step: the source and strong-view
-passes then run with BatchNorm momentum 0.
+``cpsl.target_running_stats`` and ``kd.target_running_stats`` are followed as in the JAX
+steps: the passes they keep from the running statistics run with BatchNorm momentum 0.
 """
 
 from __future__ import annotations
@@ -816,7 +816,8 @@ class DistillStep(_Step):
                 t_logits = self.teacher_fwd(self._input(strong_img))["out"].float()
             t_logits = F.interpolate(t_logits, size=self.quarter, mode="bilinear", align_corners=True)
         with self._autocast():
-            out_s = self.student_fwd(self._input(src_img))
+            with running_stats_frozen(self.student, self.config.kd.target_running_stats):
+                out_s = self.student_fwd(self._input(src_img))
             out_t = self.student_fwd(self._input(strong_img))
         source_ce = self._segmentation_loss(out_s["out"].float(), src_lbl, rce=False)
         s_logits = F.interpolate(out_t["out"].float(), size=self.quarter, mode="bilinear", align_corners=True)

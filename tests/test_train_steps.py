@@ -222,6 +222,30 @@ def test_passes_that_do_not_update_running_statistics_leave_them(scan):
     assert np.abs(first_var(stats_all) - first_var(stats_weak)).max() > 1e-3
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("target_only", [False, True])
+def test_the_steps_let_only_their_target_pass_move_running_statistics(monkeypatch, stage, target_only):
+    """``cpsl.target_running_stats`` (stage 1) and ``kd.target_running_stats`` (stages 2 and 3)
+    reach the student passes: stage 1's are source, mixed weak target and strong view, stage
+    2's source and target. (Traced, not compiled: the passes themselves are checked above.)"""
+    key = "cpsl.target_running_stats" if stage == "stage1" else "kd.target_running_stats"
+    config = tiny_config(stage, **{key: target_only})
+    fn, state = build(config)
+    seen, passes = [], steps._StudentPasses
+
+    def recording(*args, update_stats=None, **kwargs):
+        seen.append(update_stats)
+        return passes(*args, update_stats=update_stats, **kwargs)
+
+    monkeypatch.setattr(steps, "_StudentPasses", recording)
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    batch = parallel.shard_batch(make_batch(config, np.random.default_rng(0), batch=2), mesh)
+    jax.eval_shape(parallel.data_parallel(fn, mesh), parallel.replicate(state, mesh), batch)
+    n = 3 if stage == "stage1" else 2
+    target = (False, True, False) if stage == "stage1" else (False, True)
+    assert seen == [target if target_only else (True,) * n]
+
+
 @ONE_DEVICE_STAGE1
 def test_scanned_student_passes_equal_separate_passes():
     """``train.scan_passes`` compiles the network once for the three student passes of stage 1;

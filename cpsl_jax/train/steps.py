@@ -383,7 +383,8 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
 
     def loss_fn(params):
         passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, strong_img], [k_d1, k_d2],
-                                scan=config.train.scan_passes)
+                                scan=config.train.scan_passes,
+                                update_stats=(not config.kd.target_running_stats, True))
         out_s = passes.next()
         source_ce = _segmentation_loss(out_s["logits"], src_lbl, config, rce=False, axis_name=axis_name)
         out_t = passes.next()
