@@ -43,16 +43,18 @@ model rather than training a fresh student, trains on its target crops with the 
 ops, blur, jitter and cutout off (only the flip is left: ``STAGE2_VIEW``) and at a fifth of
 stage 1's learning rate: with the strong view it lost 2.6, 4.5 and 6.8 mIoU against stage 1 on
 seeds 0, 1 and 2; from the same stage-1 models, without it and at the lower rate, -0.6, +0.1
-and -0.1 (README). Two more make stage 1 fit its 300 steps: only its weak target pass (the
-target crop, CutMix-mixed) moves the running BatchNorm statistics
-(``cpsl.target_running_stats``; the reference's source and strong-view passes move them too,
-and evaluation then normalises with a blend of source and distorted target statistics), and
-its consistency weight is 1 instead of 5: the EMA teacher (0.999) moves only a quarter of the
-way from the warm-up in 300 steps, where the paper's follows its student within about 1% of
-90,000, and at 5 the term holds the student at the warm-up. From
-the same warm-ups and pseudo labels (seeds 0 / 1 / 2), stage 1 scored 42.1 / 43.4 / 37.5 with
-the reference's choices, 42.8 / 45.2 / 39.6 with target statistics and 43.4 / 46.7 / 40.9 with
-both (README; ``--ablations`` undoes each: ``ABLATIONS`` below).
+and -0.1 (README). Only the target passes move the running BatchNorm statistics: stage 1's
+weak target pass (the target crop, CutMix-mixed; ``cpsl.target_running_stats``) and stage 2's
+target pass (``kd.target_running_stats``). The reference's source and strong-view passes move
+them too, and evaluation then normalises with a blend of source and distorted-target
+statistics; the switches change no weight, only the statistics a model keeps. And stage 1's
+consistency weight is 1 instead of 5: the EMA teacher (0.999) moves only a quarter of the way
+from the warm-up in 300 steps, where the paper's follows its student within about 1% of
+90,000, and at 5 the term holds the student at the warm-up. From the same warm-ups and pseudo
+labels (seeds 0 / 1 / 2), stage 1 scored 42.1 / 43.4 / 37.5 with the reference's choices,
+42.8 / 45.2 / 39.6 with target statistics and 43.4 / 46.7 / 40.9 with both; stage 2 after
+it 40.4 / 43.3 / - with the reference's statistics and 46.4 / 47.3 / 42.0 with the target's
+(README; ``--ablations`` undoes each of stage 1's: ``ABLATIONS`` below).
 """
 
 from cpsl_jax import defaults

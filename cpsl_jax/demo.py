@@ -18,9 +18,9 @@ baseline: what normalisation alone accounts for) and ``<workdir>/demo.png``
 (one row per val image: input | ground truth | each reported model, and a colour key). With
 several seeds each runs in ``<workdir>/seed<N>``; ``--ablations`` adds stage-1 runs with one
 CPSL component switched off, or the paper's reverse cross-entropy switched back on
-(``ABLATIONS``; a config file may add its own), that share the seed's warm-up and pseudo labels; ``--oracle`` adds the
-config's ``ORACLE`` rows (running its ``ORACLE_STAGES``), ceilings measured with the target's
-labels.
+(``ABLATIONS``; a config file may add its own), that share the seed's warm-up and pseudo
+labels; ``--oracle`` adds the config's ``ORACLE`` rows (running its ``ORACLE_STAGES``),
+ceilings measured with the target's labels.
 """
 
 from __future__ import annotations

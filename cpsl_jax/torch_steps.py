@@ -549,8 +549,8 @@ def mix_labels(target_low: torch.Tensor, source_full: torch.Tensor, box) -> torc
 @contextlib.contextmanager
 def running_stats_frozen(net: nn.Module, frozen: bool = True):
     """BatchNorm layers of ``net`` normalise with their batch statistics but leave the running
-    ones as they are (momentum 0), as the JAX step's passes that ``cpsl.target_running_stats``
-    keeps from updating them."""
+    ones as they are (momentum 0), as the JAX steps' passes that ``cpsl.target_running_stats``
+    and ``kd.target_running_stats`` keep from updating them. ``frozen=False``: no change."""
     layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
     saved = [m.momentum for m in layers]
     for m in layers:
