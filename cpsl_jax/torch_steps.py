@@ -546,12 +546,18 @@ def mix_labels(target_low: torch.Tensor, source_full: torch.Tensor, box) -> torc
 
 # -- the steps ------------------------------------------------------------------------------------
 
+def batch_norms(net: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of ``net`` (found once, not on every step)."""
+    return [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
-def running_stats_frozen(net: nn.Module, frozen: bool = True):
-    """BatchNorm layers of ``net`` normalise with their batch statistics but leave the running
-    ones as they are (momentum 0), as the JAX steps' passes that ``cpsl.target_running_stats``
-    and ``kd.target_running_stats`` keep from updating them. ``frozen=False``: no change."""
-    layers = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)] if frozen else []
+def running_stats_frozen(norms: Sequence[nn.Module], frozen: bool = True):
+    """The BatchNorm layers ``norms`` (:func:`batch_norms`) normalise with their batch
+    statistics but leave the running ones as they are (momentum 0), as the JAX steps' passes
+    that ``cpsl.target_running_stats`` and ``kd.target_running_stats`` keep from updating
+    them. ``frozen=False``: no change."""
+    layers = list(norms) if frozen else []
     saved = [m.momentum for m in layers]
     for m in layers:
         m.momentum = 0.0
@@ -681,6 +687,7 @@ class Stage1Step(_Step):
         torch.manual_seed(seed)
         c, m = config.cpsl, config.model
         self.student = self._prepare(build_network(config))
+        self.student_norms = batch_norms(self.student)
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
         self.student_fwd, self.teacher_fwd = self._compiled(self.student), self._compiled(self.teacher)
         protos = torch.randn(m.num_classes, m.head_width, generator=self.generator)
@@ -740,10 +747,10 @@ class Stage1Step(_Step):
 
         # With ``target_running_stats`` only the weak target pass moves the running statistics.
         with self._autocast():
-            with running_stats_frozen(self.student, c.target_running_stats):
+            with running_stats_frozen(self.student_norms, c.target_running_stats):
                 out_s = self.student_fwd(self._input(src_img))
             out_w = self.student_fwd(self._input(mixed_img))
-            with running_stats_frozen(self.student, c.target_running_stats):
+            with running_stats_frozen(self.student_norms, c.target_running_stats):
                 out_st = self.student_fwd(self._input(strong_img))
         source_ce = self._segmentation_loss(out_s["out"].float(), src_lbl, rce=False)
         target_ce = self._segmentation_loss(out_w["out"].float(), target_lbl, rce=c.rce)
@@ -793,6 +800,7 @@ class DistillStep(_Step):
         super().__init__(config, mode, device, seed)
         torch.manual_seed(seed)
         self.student = self._prepare(build_network(config))
+        self.student_norms = batch_norms(self.student)
         self.teacher = self._prepare(build_network(config, bn_pretrain=False)).eval().requires_grad_(False)
         self.student_fwd, self.teacher_fwd = self._compiled(self.student), self._compiled(self.teacher)
         self.optimizer = make_sgd(self.student, config)
@@ -816,7 +824,7 @@ class DistillStep(_Step):
                 t_logits = self.teacher_fwd(self._input(strong_img))["out"].float()
             t_logits = F.interpolate(t_logits, size=self.quarter, mode="bilinear", align_corners=True)
         with self._autocast():
-            with running_stats_frozen(self.student, self.config.kd.target_running_stats):
+            with running_stats_frozen(self.student_norms, self.config.kd.target_running_stats):
                 out_s = self.student_fwd(self._input(src_img))
             out_t = self.student_fwd(self._input(strong_img))
         source_ce = self._segmentation_loss(out_s["out"].float(), src_lbl, rce=False)

@@ -196,17 +196,14 @@ def test_benchmark_module_imports_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
-def copy_state(net):
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
 def test_frozen_running_stats_normalise_alike_and_leave_the_statistics():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                               torch.nn.Conv2d(4, 4, 1), torch.nn.BatchNorm2d(4)).train()
     x = torch.randn(2, 3, 8, 8) * 3 + 1
-    before = copy_state(net)
-    with T.running_stats_frozen(net):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert T.batch_norms(net) == [net[1], net[4]]
+    with T.running_stats_frozen(T.batch_norms(net)):
         frozen_out = net(x)
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items() if "running" in k)
     assert [m.momentum for m in net if isinstance(m, torch.nn.BatchNorm2d)] == [0.1, 0.1]
@@ -226,9 +223,10 @@ def test_the_torch_steps_move_running_stats_where_the_jax_steps_do(stage, target
     config.cpsl.target_running_stats = config.kd.target_running_stats = target_only
     step = T.make_step(config, "fp32", "cpu")
     seen, forward = [], step.student_fwd
+    first_norm = next(m for m in step.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
 
     def recording(x):
-        seen.append(next(m.momentum for m in step.student.modules() if isinstance(m, torch.nn.BatchNorm2d)))
+        seen.append(first_norm.momentum)
         return forward(x)
 
     step.student_fwd = recording
