@@ -9,7 +9,7 @@ Variants:
 * ``jax``: :func:`cpsl_jax.train.steps.stage1_step` / ``distill_step`` compiled by
   :func:`cpsl_jax.train.parallel.data_parallel` on a 1-device mesh (as ``benchmarks/stage_step.py``),
   in the config's ``model.dtype`` (``--jax-dtype`` overrides);
-* ``torch-fp32``, ``torch-bf16``, ``torch-compile``: :mod:`cpsl_jax.torch_steps` in that mode.
+* ``torch-fp32``, ``torch-bf16``, ``torch-compile``: :mod:`cpsl_jax.torch_mirror` in that mode.
 
 Both frameworks get the same random data at the config's shapes (uint8 images at base size,
 labels, soft and hard pseudo labels) and, by default, queues that start full (the steady state
@@ -346,7 +346,7 @@ class JaxVariant:
 
 
 class TorchVariant:
-    """:mod:`cpsl_jax.torch_steps` in one mode."""
+    """:mod:`cpsl_jax.torch_mirror` in one mode."""
 
     def __init__(self, name: str, config, *, device: str, fill_queues: bool, tag: str):
         self.name, self.config, self.device_name, self.fill_queues, self.tag = name, config, device, fill_queues, tag
@@ -356,16 +356,16 @@ class TorchVariant:
     def setup(self) -> None:
         import torch
 
-        from cpsl_jax import torch_steps
+        from cpsl_jax import torch_mirror
 
         self.torch = torch
         self.device = torch.device(self.device_name)
         mode = self.name.split("-", 1)[1]
         log(f"[{self.tag}] building ({mode}, {self.device}) ...")
-        self.step = torch_steps.make_step(self.config, mode, self.device)
+        self.step = torch_mirror.make_step(self.config, mode, self.device)
         if self.fill_queues:
             self.step.fill_queues()
-        self.batch = torch_steps.to_device_batch(random_batch(self.config, np.random.default_rng(0)), self.device)
+        self.batch = torch_mirror.to_device_batch(random_batch(self.config, np.random.default_rng(0)), self.device)
         log(f"[{self.tag}] first iteration ...")
         self.info["first_iter_s"] = self.run_once()
         log(f"[{self.tag}] first iteration {self.info['first_iter_s']:.2f} s")

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.torch
 
 from cpsl_jax import benchmark, defaults, cpsl  # noqa: E402
-from cpsl_jax import torch_steps as T  # noqa: E402
+from cpsl_jax import torch_mirror as T  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RTOL, ATOL = 1e-5, 1e-6

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 
 from cpsl_jax import convert  # noqa: E402
 from cpsl_jax.models import DeepLabV2, Discriminator  # noqa: E402
-from cpsl_jax.models import torch_reference as tr  # noqa: E402
+from cpsl_jax.torch_mirror import network as tr  # noqa: E402
 
 pytestmark = pytest.mark.torch
 LISTING = Path(__file__).resolve().parent / "data" / "official-state-dict.txt"

@@ -189,7 +189,7 @@ def test_param_labels_and_multiplicity_match_reference_generators():
     """Rebuild the reference's SGD parameter list (modules() walk) and count by identity."""
     pytest.importorskip("torch")
     from cpsl_jax import convert
-    from cpsl_jax.models import torch_reference as tr
+    from cpsl_jax.torch_mirror import network as tr
 
     net = tr.ResNet101(num_classes=19, depth=101, bn_pretrain=True, width=8, head_width=32)
     counts: dict[int, int] = {}

@@ -10,7 +10,7 @@ import pytest
 
 from cpsl_jax import defaults, main
 from cpsl_jax.data import layouts, open_dataset
-from cpsl_jax.data.synthetic import SyntheticDataset, write_layout
+from cpsl_jax.synthetic import SyntheticDataset, write_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,7 +115,7 @@ def test_the_best_model_survives_a_resume(tmp_path):
 @pytest.mark.torch
 def test_evaluating_a_reference_checkpoint_matches_the_pytorch_network(tmp_path):
     torch = pytest.importorskip("torch")
-    from cpsl_jax.models import torch_reference as tr
+    from cpsl_jax.torch_mirror import network as tr
 
     # A tiny Cityscapes-layout validation set, written in the real format.
     root = tmp_path / "cityscapes"

@@ -1,7 +1,7 @@
 """Segmentation networks of CPSL (Flax Linen) and their parameter-group labels.
 
-The PyTorch reference network lives in :mod:`cpsl_jax.models.torch_reference` and is not
-imported here (torch is an optional dependency).
+The PyTorch reference network lives in :mod:`cpsl_jax.torch_mirror.network`, outside this
+package: torch is an optional dependency, and nothing here imports it.
 """
 
 from cpsl_jax.models.deeplab import (

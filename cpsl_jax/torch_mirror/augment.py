@@ -66,7 +66,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from cpsl_jax.models.torch_reference import ResNet101
+from cpsl_jax.torch_mirror.network import ResNet101
 
 MODES = ("fp32", "bf16", "compile")
 IGNORE_INDEX = 255

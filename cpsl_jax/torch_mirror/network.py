@@ -9,7 +9,9 @@ arithmetic on one process (train mode: ``max(biased_var, eps) ** -0.5``, unbiase
 variance, momentum 0.1). Inputs and outputs are NCHW like the reference; ``forward`` returns
 ``{'out': logits, 'feat': features}``.
 
-Importing this module imports torch; nothing else in :mod:`cpsl_jax.models` does.
+Importing this module imports torch. Torch stays inside :mod:`cpsl_jax.torch_mirror`, the
+checkpoint converter (:mod:`cpsl_jax.convert`, which imports it lazily and does not use this
+network) and the benchmark's torch variants; :mod:`cpsl_jax.models` never imports it.
 """
 
 from __future__ import annotations
