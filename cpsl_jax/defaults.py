@@ -78,7 +78,7 @@ def base() -> mlc.ConfigDict:
     # The built-in synthetic domains ('synthetic-source' / 'synthetic-target'): seed, image size
     # (H, W), the number of images per split (0: the module's defaults), the size of people,
     # two-wheelers, poles, signs, lights, walls and fences relative to their metric size
-    # (``synthetic.draw_scene``), how far the target's class colours move from the source's
+    # (``cpsl_jax.synthetic.draw_scene``), how far the target's class colours move from the source's
     # (``synthetic.target_palette``), the target's exposure and the scale of its per-class
     # textures (``synthetic.render_target``).
     c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0, "object_scale": 1.0,

@@ -1,4 +1,4 @@
-"""Tests of the synthetic domain-shift benchmark (cpsl_jax.data.synthetic)."""
+"""Tests of the synthetic domain-shift benchmark (cpsl_jax.synthetic)."""
 
 import os
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cpsl_jax.data import synthetic
-from cpsl_jax.data.synthetic import SyntheticDataset, write_layout
+from cpsl_jax import synthetic
+from cpsl_jax.synthetic import SyntheticDataset, style, write_layout
 
 # Written out independently of the module: Cityscapes label id -> train id (19 classes),
 # as in cityscapesScripts' labels.py; every other id is ignored.
@@ -300,8 +300,8 @@ def test_target_palette_lands_on_the_interpolated_colour(shift):
     """After the mean photometric change each class colour sits ``shift`` of the way from its
     source colour to its photo-like tone (where no channel had to be clipped)."""
     palette = synthetic.target_palette(shift)
-    source = synthetic._SOURCE_PALETTE.astype(np.float64)
-    aim = source + shift * (_photometric_mean(synthetic._PHOTO_PALETTE) - source)
+    source = style._SOURCE_PALETTE.astype(np.float64)
+    aim = source + shift * (_photometric_mean(style._PHOTO_PALETTE) - source)
     got = _photometric_mean(palette)
     unclipped = ((palette > 0) & (palette < 255)).all(-1)
     assert unclipped.sum() >= 20
