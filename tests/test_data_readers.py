@@ -181,7 +181,7 @@ def test_gta5_mismatched_pair_resized_independently_and_logged(tmp_path, rng, ca
     originals = make_gta5(tmp_path, rng)
     ds = open_dataset("gta5", tmp_path, "train", 19, base_size=(48, 24))
     assert [ds[i]["name"] for i in range(len(ds))] == ["00001", "00002", "00003"]
-    with caplog.at_level(logging.WARNING, logger="cpsl_jax.data.readers"):
+    with caplog.at_level(logging.WARNING, logger="cpsl_jax.data.decode"):
         item = ds[1]
     img, ids = originals["00002"]
     assert img.shape[:2] != ids.shape

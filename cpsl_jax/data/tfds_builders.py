@@ -3,7 +3,7 @@
 Each builder lists the manual directory with the same function as the folder reader
 (``layouts.py``) and writes one record per pair holding the **original file bytes** of the
 image and of the label plus the name; decoding, the id -> train-id map and the resize to
-the base size happen at read time through the same ``readers.PairDecoder`` as the folder
+the base size happen at read time through the same ``decode.PairDecoder`` as the folder
 reader, so one prepared dataset serves 19, 16 and 13 classes and any base size, and its
 items equal the folder reader's.
 
@@ -29,7 +29,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from cpsl_jax.data import layouts, readers
+from cpsl_jax.data import layouts
+from cpsl_jax.data.decode import PairDecoder
 
 _SPLITS = {"gta5": ("train",), "synthia": ("train",), "cityscapes": ("train", "val")}
 
@@ -71,7 +72,7 @@ class _LayoutBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         return {s: self._generate_examples(root, s) for s in _SPLITS[self.DATASET]}
 
     def _generate_examples(self, root: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
-        decoder = readers.PairDecoder(self.DATASET, 19, base_size=None)
+        decoder = PairDecoder(self.DATASET, 19, base_size=None)
         for pair in layouts.list_pairs(self.DATASET, root, split):
             image, label = _read(pair.image), _read(pair.label)
             if self.VERIFY:
@@ -133,7 +134,7 @@ class TfdsDataset:
     def __init__(self, dataset: str, data_dir: str, split: str, num_classes: int,
                  base_size: tuple[int, int] | None, strict: bool = False):
         self.dataset, self.data_dir, self.split = dataset, os.fspath(data_dir), split
-        self.decoder = readers.PairDecoder(dataset, num_classes, base_size, strict)
+        self.decoder = PairDecoder(dataset, num_classes, base_size, strict)
         self._source = None
         self._len = len(self._records())
 
