@@ -270,13 +270,6 @@ def test_translate_quirk_shifts_by_w_over_h():
     assert abs(float(quirk[0, 0, 50, 0] - 50) - 6 * 224 / 128) <= 0.5
 
 
-@pytest.mark.slow
-def test_benchmark_rows():
-    rows = A.augment_benchmark_rows(batch=1, quick=True)
-    assert [r["stage"] for r in rows] == ["lab_transfer", "weak_view", "strong_view"]
-    assert all(r["images_per_s"] > 0 for r in rows)
-
-
 def test_sample_strong_milder_options():
     """``config.data.strong``'s knobs: a magnitude cap, no hue shift, probabilities and no cutout. With all
     probabilities 0 and no cutout the strong view is the (flipped) weak crop, and no map

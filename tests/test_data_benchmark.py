@@ -1,10 +1,12 @@
 """The host pipeline benchmark runs in quick mode and reports every timed image."""
 
+import pytest
+
 from cpsl_jax.data import benchmark
 
 
 def test_benchmark_quick_table(monkeypatch):
-    monkeypatch.setattr(benchmark, "_augment_rows", lambda quick: [{"stage": "augment-stub"}])
+    monkeypatch.setattr(benchmark, "augment_rows", lambda quick: [{"stage": "augment-stub"}])
     text = benchmark.main(["--quick"])
     lines = text.splitlines()
     assert lines[0].startswith("machine:") and "CPUs" in lines[0]
@@ -14,3 +16,10 @@ def test_benchmark_quick_table(monkeypatch):
     assert all(r["images/s"] > 0 for r in rows)
     assert "host gta5" in text and "host cityscapes" in text and "augment-stub" in text
     assert "256x128" in text  # 2048x1024 / 8
+
+
+@pytest.mark.slow
+def test_augment_rows():
+    rows = benchmark.augment_rows(batch=1, quick=True)
+    assert [r["stage"] for r in rows] == ["lab_transfer", "weak_view", "strong_view"]
+    assert all(r["images_per_s"] > 0 for r in rows)

@@ -44,8 +44,6 @@ jitter chain           >= 99.5% exact; a 1-level blend difference may move a hue
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Sequence
 
 import jax
@@ -62,7 +60,7 @@ from cpsl_jax.data.transport import (GEOMETRIC_ORDER, NUM_OPS, OP, MAX_MAGNITUDE
 __all__ = [
     "WeakParams", "StrongParams", "sample_weak", "weak_view", "sample_strong", "strong_view",
     "move_to_weak", "move_to_strong", "full2weak", "soft_label_to_weak", "lab_transfer", "lab_mean_std",
-    "augment_benchmark_rows", "GEOMETRIC_ORDER",
+    "GEOMETRIC_ORDER",
 ]
 
 FILL = 127.0  # grey fill of the reference's geometric ops and cutout
@@ -279,49 +277,3 @@ def _slot_values(params: StrongParams, tables) -> jnp.ndarray:
                         ("translate_x", "translate_x"), ("translate_y", "translate_y")):
         value = jnp.where(op == OP[name], jnp.asarray(tables[table], jnp.float32)[mag] * sign, value)
     return value
-
-
-# --------------------------------------------------------------------------------------
-# Benchmark
-# --------------------------------------------------------------------------------------
-
-
-def _time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
-    start = time.perf_counter()
-    for _ in range(reps):
-        out = fn(*args)
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / reps
-
-
-def augment_benchmark_rows(batch: int = 4, quick: bool = False) -> list[dict]:
-    """Time the device augmentation on the current backend; one row per stage.
-
-    Full sizes: colour transfer at 1024x2048, weak view 1024x2048 -> 512x896, strong view
-    at 512x896. ``quick`` shrinks every size by 4 and repeats less (for tests and CPUs).
-    Rows: ``{'stage', 'size', 'batch', 'backend', 'ms_per_batch', 'images_per_s'}``.
-    """
-    div = 4 if quick else 1
-    reps = 2 if quick else 10
-    base_hw = (1024 // div, 2048 // div)
-    crop_hw = (512 // div, 896 // div)
-    key = jax.random.PRNGKey(0)
-    k_img, k_tgt, k_weak, k_strong = jax.random.split(key, 4)
-    images = jax.random.randint(k_img, (batch,) + base_hw + (3,), 0, 256).astype(jnp.uint8)
-    targets = jax.random.randint(k_tgt, (batch,) + base_hw + (3,), 0, 256).astype(jnp.uint8)
-    mean, std = jax.jit(lab_mean_std)(targets)
-    weak = sample_weak(k_weak, batch, base_hw, crop_hw, base_width=int(math.ceil(2200 / div)))
-    crops = jax.jit(weak_view)(images, weak)
-    strong = sample_strong(k_strong, batch, crop_hw)
-    rows = []
-    for stage, fn, args, size in (
-        ("lab_transfer", jax.jit(lab_transfer), (images, mean, std), base_hw),
-        ("weak_view", jax.jit(weak_view), (images, weak), crop_hw),
-        ("strong_view", jax.jit(strong_view), (crops, strong), crop_hw),
-    ):
-        sec = _time(fn, *args, reps=reps)
-        rows.append({"stage": stage, "size": f"{size[0]}x{size[1]}", "batch": batch,
-                     "backend": jax.default_backend(), "ms_per_batch": 1e3 * sec,
-                     "images_per_s": batch / sec})
-    return rows

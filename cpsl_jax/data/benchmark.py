@@ -5,23 +5,28 @@ Writes a few full-size synthetic PNG pairs in the GTA5 (1914x1052) and Cityscape
 decode, label map, resize to the 2048x1024 base size, batch) through the grain loader and
 prints images/s per CPU core as a table naming the machine. Images are smooth fields
 plus noise, so PNG sizes and decode costs are closer to photographs than pure noise.
-Device augmentation rows are appended when ``cpsl_jax.data.augment`` provides
-``augment_benchmark_rows(quick: bool) -> list[dict]``.
+Rows timing the device augmentation (``augment.py``: colour transfer, weak and strong
+view) on the current JAX backend follow.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import tempfile
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
 from cpsl_jax.data import layouts, open_dataset
+from cpsl_jax.data.augment import sample_strong, sample_weak, strong_view, weak_view
+from cpsl_jax.data.color import lab_mean_std, lab_transfer
 from cpsl_jax.data.pipeline import LoaderOptions, val_loader
 
 # (dataset, file size (W, H)) of the two layouts timed.
@@ -96,12 +101,46 @@ def host_rows(quick: bool = False, workers: Sequence[int] = (0,), count: int = 1
     return rows
 
 
-def _augment_rows(quick: bool) -> list[dict[str, Any]]:
-    try:
-        from cpsl_jax.data.augment import augment_benchmark_rows
-    except ImportError:
-        return []
-    return list(augment_benchmark_rows(quick=quick))
+def _time(fn, *args, reps: int) -> float:
+    """Seconds per call of ``fn(*args)``, after one call that compiles and warms up."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(reps):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / reps
+
+
+def augment_rows(batch: int = 4, quick: bool = False) -> list[dict[str, Any]]:
+    """Time the device augmentation on the current backend; one row per stage.
+
+    Full sizes: colour transfer at 1024x2048, weak view 1024x2048 -> 512x896, strong view
+    at 512x896. ``quick`` shrinks every size by 4 and repeats less (for tests and CPUs).
+    Rows: ``{'stage', 'size', 'batch', 'backend', 'ms_per_batch', 'images_per_s'}``.
+    """
+    div = 4 if quick else 1
+    reps = 2 if quick else 10
+    base_hw = (1024 // div, 2048 // div)
+    crop_hw = (512 // div, 896 // div)
+    key = jax.random.PRNGKey(0)
+    k_img, k_tgt, k_weak, k_strong = jax.random.split(key, 4)
+    images = jax.random.randint(k_img, (batch,) + base_hw + (3,), 0, 256).astype(jnp.uint8)
+    targets = jax.random.randint(k_tgt, (batch,) + base_hw + (3,), 0, 256).astype(jnp.uint8)
+    mean, std = jax.jit(lab_mean_std)(targets)
+    weak = sample_weak(k_weak, batch, base_hw, crop_hw, base_width=int(math.ceil(2200 / div)))
+    crops = jax.jit(weak_view)(images, weak)
+    strong = sample_strong(k_strong, batch, crop_hw)
+    rows = []
+    for stage, fn, args, size in (
+        ("lab_transfer", jax.jit(lab_transfer), (images, mean, std), base_hw),
+        ("weak_view", jax.jit(weak_view), (images, weak), crop_hw),
+        ("strong_view", jax.jit(strong_view), (crops, strong), crop_hw),
+    ):
+        sec = _time(fn, *args, reps=reps)
+        rows.append({"stage": stage, "size": f"{size[0]}x{size[1]}", "batch": batch,
+                     "backend": jax.default_backend(), "ms_per_batch": 1e3 * sec,
+                     "images_per_s": batch / sec})
+    return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -127,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> str:
                         help="grain worker counts to time (0: main process, one core)")
     parser.add_argument("--count", type=int, default=16, help="images per layout")
     args = parser.parse_args(argv)
-    rows = host_rows(args.quick, args.workers, args.count) + _augment_rows(args.quick)
+    rows = host_rows(args.quick, args.workers, args.count) + augment_rows(quick=args.quick)
     text = machine_line() + "\n" + format_table(rows)
     print(text)
     return text
