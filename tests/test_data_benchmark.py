@@ -1,4 +1,4 @@
-"""The host pipeline benchmark runs in quick mode and reports every timed image."""
+"""The data benchmark: the quick host rows count every timed image; the augmentation rows (slow)."""
 
 import pytest
 
