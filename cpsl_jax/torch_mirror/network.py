@@ -16,6 +16,9 @@ network) and the benchmark's torch variants; :mod:`cpsl_jax.models` never import
 
 from __future__ import annotations
 
+import copy
+from typing import Sequence
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -142,3 +145,28 @@ class FCDiscriminator(nn.Module):
         x = F.relu(self.conv3(x))
         x = F.leaky_relu(self.conv4(x), 0.2)
         return self.classifier(x)
+
+
+def count_flops(net: nn.Module, input_shape: Sequence[int]) -> int:
+    """Dense forward FLOPs of ``net`` (convolutions and linear layers, every tap counted), on the meta device.
+
+    Convolution: 2 x N x C_out x H_out x W_out x C_in / groups x k_h x k_w; linear: 2 x rows x in x out.
+    """
+    total = 0
+
+    def conv_hook(m, inp, out):
+        nonlocal total
+        total += 2 * out.numel() * (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
+
+    def linear_hook(m, inp, out):
+        nonlocal total
+        total += 2 * out.numel() * m.in_features
+
+    meta = copy.deepcopy(net).to("meta").eval()
+    handles = [m.register_forward_hook(conv_hook if isinstance(m, nn.Conv2d) else linear_hook)
+               for m in meta.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        meta(torch.empty(*input_shape, device="meta"))
+    for h in handles:
+        h.remove()
+    return total
