@@ -60,10 +60,11 @@ it 40.4 / 43.3 / - with the reference's statistics and 46.4 / 47.3 / 42.0 with t
 from cpsl_jax import defaults
 
 # The stages of the demo, in order; every name is a ``get_config`` argument.
-STAGES = ("source_only", "warmup", "soft_labels", "prototypes", "class_distribution", "stage1",
-          "hard_labels", "stage2")
+STAGES = ("source_only", "warmup", "hard_labels_warmup", "self_training", "soft_labels", "prototypes",
+          "class_distribution", "stage1", "hard_labels", "stage2")
 # Stages whose final model the demo table reports, with the row title.
-REPORTED = {"source_only": "source only", "warmup": "warm-up (adversarial)", "stage1": "stage 1 (CPSL)",
+REPORTED = {"source_only": "source only", "warmup": "warm-up (adversarial)",
+            "self_training": "self-training (hard labels, baseline)", "stage1": "stage 1 (CPSL)",
             "stage2": "stage 2 (distillation)"}
 
 # ``--oracle`` adds these rows, two ceilings measured with the target's training labels:
@@ -85,8 +86,10 @@ ABLATIONS = {
     "consistency_5": ("consistency weight 5 (the paper's)", {"cpsl.consistency_weight": 5.0}),
 }
 
-STEPS = {"source_only": 1500, "warmup": 150, "stage1": 300, "stage2": 300}
-LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "stage1": 2.5e-3, "stage2": 5e-4}
+STEPS = {"source_only": 1500, "warmup": 150, "self_training": 300, "stage1": 300, "stage2": 300}
+LEARNING_RATE = {"source_only": 0.01, "warmup": 2.5e-3, "self_training": 2.5e-3, "stage1": 2.5e-3, "stage2": 5e-4}
+# The self-training baseline keeps the warm-up's argmax where its confidence is above this.
+SELF_TRAINING_THRESHOLD = 0.9
 # Stage 2's view of its target crops: the strong view with everything but the flip off.
 STAGE2_VIEW = {"ops": 0, "blur_prob": 0.0, "jitter_prob": 0.0, "cutout": False}
 
@@ -104,8 +107,8 @@ def get_config(arg: str = "source_only"):
     c.model.bn_pretrain = False
     c.data.source, c.data.target = "synthetic-source", "synthetic-target"
     c.data.synthetic.size = (96, 192)
-    c.data.synthetic.object_scale = 2.5
-    c.data.synthetic.exposure = 0.85
+    c.data.synthetic.version = "v2"
+    c.data.synthetic.object_scale = 3.0
     c.data.strong.hue = 0.0
     c.data.source_base_size = c.data.target_base_size = (192, 96)
     c.data.crop_size = (96, 48)
@@ -135,6 +138,11 @@ def get_config(arg: str = "source_only"):
         # that moves a quarter of the way from the warm-up in 300 steps (module docstring).
         c.cpsl.target_running_stats = True
         c.cpsl.consistency_weight = 1.0
+    if stage == "self_training":
+        # Plain self-training from the same warm-up, with stage 1's schedule, learning rate and
+        # running-statistics choice, so that the two differ by CPSL's terms alone.
+        c.data.confidence_threshold = SELF_TRAINING_THRESHOLD
+        c.self_training.target_running_stats = True
     if stage in ("stage1", "hard_labels"):
         c.init.checkpoint = c.init.checkpoint.replace("best_model", "model")
     if stage == "stage2":

@@ -17,8 +17,10 @@ from typing import Any
 
 import ml_collections as mlc
 
-STAGES = ("warmup", "stage1", "stage2", "stage3", "eval", "lab_stats", "soft_labels", "hard_labels", "prototypes",
-          "class_distribution")
+STAGES = ("warmup", "stage1", "stage2", "stage3", "self_training", "eval", "lab_stats", "soft_labels", "hard_labels",
+          "prototypes", "class_distribution")
+# The stages that train a model (``cpsl_jax.train.loop``); the others are tools over a model.
+TRAINING_STAGES = ("warmup", "stage1", "stage2", "stage3", "self_training")
 
 
 def base() -> mlc.ConfigDict:
@@ -80,10 +82,11 @@ def base() -> mlc.ConfigDict:
     # two-wheelers, poles, signs, lights, walls and fences relative to their metric size
     # (``cpsl_jax.synthetic.draw_scene``), how far the target's class colours move from the source's
     # (``synthetic.target_palette``), the target's exposure and the scale of its per-class
-    # textures (``synthetic.render_target``).
+    # textures (``synthetic.render_target``), and the domain pair: 'v1' (those global shifts) or
+    # 'v2' (per-class materials and a long tail, ``cpsl_jax/synthetic/v2.py``).
     c.data.synthetic = mlc.ConfigDict({"seed": 0, "size": (128, 256), "length": 0, "object_scale": 1.0,
                                        "domain_shift": 0.35, "exposure": 1.0,
-                                       "texture": 1.0})
+                                       "texture": 1.0, "version": "v1"})
 
     # -- optimisation -------------------------------------------------------------------------
     c.optim = mlc.ConfigDict()
@@ -138,6 +141,13 @@ def base() -> mlc.ConfigDict:
     # True: only the target pass moves the student's running BatchNorm statistics (as
     # cpsl.target_running_stats in stage 1); the reference (False) moves them in both passes
     c.kd.target_running_stats = False
+
+    # -- the self-training baseline (``train.steps.self_training_step``) ------------------------
+    # Hard argmax pseudo labels of the warm-up (stage ``hard_labels_warmup``), pixels at or below
+    # ``data.confidence_threshold`` ignored; True: only the target pass moves the running
+    # BatchNorm statistics (as ``cpsl.target_running_stats``)
+    c.self_training = mlc.ConfigDict()
+    c.self_training.target_running_stats = False
 
     # -- adversarial warm-up ------------------------------------------------------------------
     c.adv = mlc.ConfigDict()
@@ -262,6 +272,15 @@ def apply_stage(c, stage: str, runs: str) -> None:
         c.optim.lr_mult.head = 5.0
         c.optim.lr_mult.prototypes = 5.0
         c.cpsl.rce = True
+    elif stage == "hard_labels_warmup":  # from the warm-up model, for the self-training baseline
+        c.stage = "hard_labels"
+        c.init.checkpoint = f"{runs}/warmup/model.msgpack"
+        c.data.pseudo_labels = f"{art}/hard_warmup"
+    elif stage == "self_training":  # the baseline: stage 1's learning rates, no CPSL term
+        c.init.checkpoint = f"{runs}/warmup/model.msgpack"
+        c.data.pseudo_labels = f"{art}/hard_warmup"
+        c.optim.base_lr = 1e-4
+        c.optim.lr_mult.head = 5.0
     elif stage == "hard_labels":  # from the stage-1 model, for stage 2
         c.init.checkpoint = f"{runs}/stage1/best_model.msgpack"
         c.data.pseudo_labels = f"{art}/hard_stage1"

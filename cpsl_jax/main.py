@@ -39,6 +39,7 @@ _REQUIRED_PATHS = {
     "prototypes": [("init.checkpoint", "warm-up model")],
     "class_distribution": [("init.checkpoint", "warm-up model")],
     "hard_labels": [("init.checkpoint", "model")],
+    "self_training": [("init.checkpoint", "warm-up model"), ("data.pseudo_labels", "hard pseudo-label store")],
 }
 
 
@@ -71,7 +72,7 @@ def run(config, workdir: str) -> dict:
     Path(workdir).mkdir(parents=True, exist_ok=True)
     (Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str) + "\n")
     stage = config.stage
-    if stage in ("warmup", "stage1", "stage2", "stage3"):
+    if stage in defaults.TRAINING_STAGES:
         from cpsl_jax.train import loop
 
         return loop.train(config, workdir)

@@ -85,3 +85,39 @@ def test_reads_from_many_threads_return_every_file_intact(tmp_path):
         np.testing.assert_array_equal(s, soft[name].astype(np.float16))
         np.testing.assert_array_equal(label, hard[name][0])
         np.testing.assert_array_equal(conf, hard[name][1].astype(np.float16))
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9])
+def test_self_training_reads_the_warmup_labels_thresholded_as_configured(tmp_path, threshold):
+    """The ``self_training`` stage's target batches carry the store's hard labels with every pixel
+    whose float16 confidence is not above ``data.confidence_threshold`` ignored."""
+    import importlib.util
+    from pathlib import Path
+
+    from cpsl_jax.train import loop
+    from cpsl_jax.train.io import open_split
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("tiny_config", root / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(f"self_training,{tmp_path}")
+    config.data.confidence_threshold = threshold
+    assert config.data.pseudo_labels == f"{tmp_path}/artifacts/hard_warmup"
+    store = PseudoLabelStore(config.data.pseudo_labels, create=True)
+    rng = np.random.default_rng(5)
+    target = open_split(config, "target", "train")
+    written = {}
+    for i in range(len(target)):
+        item = target[i]
+        label = rng.integers(0, 19, item["label"].shape).astype(np.uint8)
+        conf = rng.uniform(0.0, 1.0, item["label"].shape)
+        store.write_hard(item["name"], label, conf)
+        written[item["name"]] = (label, conf.astype(np.float16))
+    batch = next(iter(loop._train_loaders(config)["target"]))
+    assert len(batch["name"]) == config.data.batch_size
+    for name, got in zip(batch["name"], batch["pseudo_label"]):
+        label, c16 = written[str(name)]
+        expected = np.where(c16.astype(np.float64) > float(np.float16(threshold)), label, 255)
+        np.testing.assert_array_equal(got, expected)
+        assert 0.05 < (got == 255).mean() < 0.95

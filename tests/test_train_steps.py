@@ -72,6 +72,9 @@ def build(config, seed=0):
         state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(seed), prototypes=prototypes,
                                        class_prior=prior / prior.sum())
         fn = functools.partial(steps.stage1_step, model=model, tx=tx, config=config)
+    elif stage == "self_training":
+        state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(seed))
+        fn = functools.partial(steps.self_training_step, model=model, tx=tx, config=config)
     else:
         teacher = init_variables(config, jax.random.PRNGKey(seed + 7))
         state = state_lib.create_state(config, variables, tx, rng=jax.random.PRNGKey(seed), teacher=teacher)
@@ -109,7 +112,8 @@ FIXED_BATCH_LR = 2e-2
 EQUIVALENCE = {"model.dropout_rate": 0.0, "optim.base_lr": 1e-3}
 
 
-@pytest.mark.parametrize("stage", ["warmup", pytest.param("stage1", marks=ONE_DEVICE_STAGE1), "stage2"])
+@pytest.mark.parametrize("stage", ["warmup", pytest.param("stage1", marks=ONE_DEVICE_STAGE1), "stage2",
+                                   "self_training"])
 def test_steps_are_finite_and_learn_on_a_fixed_batch(stage):
     config = tiny_config(stage, **{"optim.base_lr": FIXED_BATCH_LR})
     batch = make_batch(config, np.random.default_rng(0), noise=0)
@@ -118,6 +122,9 @@ def test_steps_are_finite_and_learn_on_a_fixed_batch(stage):
     assert np.all(np.isfinite(losses)), losses
     source = np.array([h["source_ce"] for h in history])
     assert source[-3:].mean() < source[:3].mean() - 0.05, source  # the supervised term goes down
+    if stage == "self_training":  # the pseudo-labelled target term goes down too
+        target = np.array([h["target_ce"] for h in history])
+        assert target[-3:].mean() < target[:3].mean() - 0.05, target
     if stage == "stage1":
         assert history[-1]["queue_in_use"] == 1.0  # the 64-row queue filled up
         assert any(h["contrastive"] > 0 for h in history)
@@ -222,13 +229,14 @@ def test_passes_that_do_not_update_running_statistics_leave_them(scan):
     assert np.abs(first_var(stats_all) - first_var(stats_weak)).max() > 1e-3
 
 
-@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "self_training"])
 @pytest.mark.parametrize("target_only", [False, True])
 def test_the_steps_let_only_their_target_pass_move_running_statistics(monkeypatch, stage, target_only):
     """``cpsl.target_running_stats`` (stage 1) and ``kd.target_running_stats`` (stages 2 and 3)
     reach the student passes: stage 1's are source, mixed weak target and strong view, stage
     2's source and target. (Traced, not compiled: the passes themselves are checked above.)"""
-    key = "cpsl.target_running_stats" if stage == "stage1" else "kd.target_running_stats"
+    key = {"stage1": "cpsl.target_running_stats", "self_training": "self_training.target_running_stats"}.get(
+        stage, "kd.target_running_stats")
     config = tiny_config(stage, **{key: target_only})
     fn, state = build(config)
     seen, passes = [], steps._StudentPasses
@@ -289,3 +297,37 @@ def test_source_only_warmup_step_is_the_adversarial_step_without_target():
     m_only = np.asarray(jax.tree.leaves(only.batch_stats)[0])
     m_tiny = np.asarray(jax.tree.leaves(tiny.batch_stats)[0])
     assert np.abs(m_only - m0).max() > 1e-3 and np.abs(m_tiny - m_only).max() > 1e-3
+
+
+def test_self_training_step_is_cross_entropy_on_its_thresholded_pseudo_labels():
+    """With a weak view that only flips (crop = image, no rescale), the step's ``target_ce`` is the
+    cross-entropy, in float64, of the network's logits on the flipped-or-not target images
+    against the pseudo labels moved the same way, ignored pixels left out; ``source_ce`` likewise
+    on the source images. The flips are the step's own draws: one of the four combinations of
+    two images must match, and only one."""
+    from cpsl_jax import ops
+
+    config = tiny_config("self_training", **{"data.crop_size": (128, 64), "data.rescale_base_width": 128,
+                                             "data.rescale_range": (1.0, 1.0), "model.dropout_rate": 0.0})
+    fn, state = build(config)
+    batch = make_batch(config, np.random.default_rng(3), batch=2)
+    batch["target"]["pseudo_label"][0, :, :40] = 255  # pixels a threshold dropped
+    model = state_lib.build_model(config, axis_name=None)
+    variables = jax.tree.map(np.array, {"params": state.params["model"], "batch_stats": state.batch_stats})
+    mesh = parallel.make_mesh(jax.devices()[:1])  # the step donates its state: variables copied first
+    _, metrics = parallel.data_parallel(fn, mesh)(parallel.replicate(state, mesh), parallel.shard_batch(batch, mesh))
+
+    def ce(images, labels):
+        out = model.apply(variables, np.asarray(images, np.float32) / 255.0, train=True, mutable=["batch_stats"])[0]
+        logits = np.asarray(ops.resize_bilinear(out["logits"], labels.shape[1:3]), np.float64)
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        valid = labels != 255
+        return -np.take_along_axis(logp, np.where(valid, labels, 0)[..., None].astype(np.int64), -1)[..., 0][valid].mean()
+
+    matches = []
+    for flips in [(a, b) for a in (False, True) for b in (False, True)]:
+        flip = lambda x: np.stack([x[i][:, ::-1] if f else x[i] for i, f in enumerate(flips)])  # noqa: E731
+        expected = ce(flip(batch["target"]["image"]), flip(batch["target"]["pseudo_label"]))
+        matches.append(abs(expected - float(metrics["target_ce"])) < 1e-4 * expected)
+    assert sum(matches) == 1, (matches, float(metrics["target_ce"]))

@@ -17,9 +17,12 @@ import numpy as np
 from PIL import Image
 
 from cpsl_jax.data import layouts
+from cpsl_jax.synthetic import v2
 from cpsl_jax.synthetic.geometry import IGNORE, LABEL_IDS, Rng
 from cpsl_jax.synthetic.scene import SOURCE_STATS, TARGET_STATS, SceneStats, draw_scene
 from cpsl_jax.synthetic.style import DEFAULT_DOMAIN_SHIFT, render_source, render_target, target_palette
+
+VERSIONS = ('v1', 'v2')
 
 DOMAINS = ('source', 'target')
 SPLITS = ('train', 'val')
@@ -36,8 +39,11 @@ def _subset_table(num_classes: int) -> np.ndarray:
     return table
 
 
-def _stats_for(domain: str, num_classes: int) -> SceneStats:
-    stats = SOURCE_STATS if domain == 'source' else TARGET_STATS
+def _stats_for(domain: str, num_classes: int, version: str = 'v1') -> SceneStats:
+    if version == 'v2':
+        stats = v2.SOURCE_STATS if domain == 'source' else v2.TARGET_STATS
+    else:
+        stats = SOURCE_STATS if domain == 'source' else TARGET_STATS
     if num_classes < 19:  # do not draw what the protocol drops (terrain, truck, train, ...)
         stats = dataclasses.replace(stats, trucks=0.0, train_p=0.0,
                                     side_terrain_p=0.0)
@@ -56,7 +62,17 @@ class SyntheticDataset:
 
     def __init__(self, domain: str, split: str, num_classes: int = 19, seed: int = 0,
                  size: Sequence[int] = (128, 256), length: int | None = None, object_scale: float = 1.0,
-                 domain_shift: float = DEFAULT_DOMAIN_SHIFT, exposure: float = 1.0, texture: float = 1.0):
+                 domain_shift: float = DEFAULT_DOMAIN_SHIFT, exposure: float = 1.0, texture: float = 1.0,
+                 version: str = 'v1'):
+        if version not in VERSIONS:
+            raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        if version == 'v2':
+            v1_knobs = {'domain_shift': (domain_shift, DEFAULT_DOMAIN_SHIFT), 'exposure': (exposure, 1.0),
+                        'texture': (texture, 1.0)}
+            changed = sorted(k for k, (value, default) in v1_knobs.items() if value != default)
+            if changed:
+                raise ValueError(f"{', '.join(changed)} shape the v1 target only; synthetic-v2 keeps them at "
+                                 f"their defaults (its shifts are the materials of cpsl_jax/synthetic/v2.py)")
         if domain not in DOMAINS:
             raise ValueError(f"domain must be one of {DOMAINS}, got {domain!r}")
         if split not in SPLITS:
@@ -71,6 +87,7 @@ class SyntheticDataset:
             raise ValueError(f'exposure must be in (0, 2], got {exposure}')
         if not 0 <= texture <= 10:
             raise ValueError(f'texture must be in [0, 10], got {texture}')
+        self.version = version
         self.object_scale = float(object_scale)
         self.domain_shift = float(domain_shift)
         self.exposure = float(exposure)
@@ -79,9 +96,10 @@ class SyntheticDataset:
         self.domain, self.split, self.seed = domain, split, int(seed)
         self.num_classes = num_classes
         self.size = (int(size[0]), int(size[1]))
-        self.length = DEFAULT_LENGTH[(domain, split)] if length is None else int(length)
+        lengths = v2.DEFAULT_LENGTH if version == 'v2' else DEFAULT_LENGTH
+        self.length = lengths[(domain, split)] if length is None else int(length)
         self._table = _subset_table(num_classes)
-        self._stats = _stats_for(domain, num_classes)
+        self._stats = _stats_for(domain, num_classes, version)
         # Items are pure functions of their index: drawn once per process, then served from
         # memory (a 96x192 item is 74 kB; every epoch after the first costs nothing to draw),
         # as long as the whole split stays under 256 MB.
@@ -95,7 +113,8 @@ class SyntheticDataset:
                 + (f", domain_shift={self.domain_shift}"
                    if self.domain == 'target' and self.domain_shift != DEFAULT_DOMAIN_SHIFT else "")
                 + (f", exposure={self.exposure}" if self.domain == 'target' and self.exposure != 1.0 else "")
-                + (f", texture={self.texture}" if self.domain == 'target' and self.texture != 1.0 else "") + ")")
+                + (f", texture={self.texture}" if self.domain == 'target' and self.texture != 1.0 else "")
+                + (f", version={self.version!r}" if self.version != 'v1' else "") + ")")
 
     def __len__(self) -> int:
         return self.length
@@ -121,7 +140,9 @@ class SyntheticDataset:
         rng = self.rng(i)
         cv = draw_scene(*self.size, self._stats, rng, self.object_scale)
         label19 = np.asarray(cv.classes, np.uint8)[cv.inst]
-        if self.domain == 'source':
+        if self.version == 'v2':
+            image = v2.render(cv, self.domain, rng)
+        elif self.domain == 'source':
             image = render_source(cv, rng)
         else:
             image = render_target(cv, label19, rng, self._palette, self.exposure, self.texture)
@@ -180,6 +201,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--size', type=int, nargs=2, default=(128, 256), metavar=('H', 'W'))
     p.add_argument('--num-classes', type=int, default=19, choices=sorted(LABEL_IDS))
+    p.add_argument('--version', choices=VERSIONS, default='v1',
+                   help='the domain pair: v1 (global photometric shift) or v2 (per-class materials, long tail)')
     p.add_argument('--object-scale', type=float, default=1.0,
                    help='people, two-wheelers, poles, signs, lights, walls and fences drawn this many '
                         'times their metric size')
@@ -195,7 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         p.error('the gta5 layout has no split folders: give one --splits value')
     for split in splits:
         ds = SyntheticDataset(args.domain, split, args.num_classes, args.seed, args.size,
-                              args.num, args.object_scale, args.domain_shift, args.exposure, args.texture)
+                              args.num, args.object_scale, args.domain_shift, args.exposure, args.texture,
+                              args.version)
         write_layout(ds, args.out, args.layout, split)
         print(f'wrote {len(ds)} {args.domain}/{split} items to {args.out} ({args.layout})')
 

@@ -38,6 +38,13 @@ class SceneStats:
     wall_p: float
     fence_p: float
     ego_p: float
+    # Share of poles carrying a sign / a light; the horizon row and the skyline's height as
+    # ranges of fractions of the image height.
+    sign_p: float = 0.45
+    rider_size: float = 1.0   # riders' size relative to their two-wheeler's scale
+    light_p: float = 0.3
+    horizon: tuple[float, float] = (0.36, 0.5)
+    skyline: tuple[float, float] = (0.04, 0.3)
 
 
 # Long-tailed on purpose: road/building/sky/vegetation dominate, trains and two-wheelers
@@ -70,7 +77,7 @@ def _draw_person(cv: Canvas, cx: float, yb: float, s: float, cls: int, rng: Rng,
 
 
 def _draw_two_wheeler(cv: Canvas, cx: float, yb: float, s: float, cls: int, rng: Rng,
-                      rider: bool) -> None:
+                      rider: bool, rider_size: float = 1.0) -> None:
     """Bicycle or motorcycle seen from the side, optionally with a rider on it."""
     motor = cls == MOTORCYCLE
     r = (0.33 if motor else 0.34) * s
@@ -86,7 +93,7 @@ def _draw_two_wheeler(cv: Canvas, cx: float, yb: float, s: float, cls: int, rng:
         cv.poly([(cx - half, yb - r), (cx, yb - r - frame), (cx + half * 0.8, yb - 2.2 * r),
                  (cx + half * 0.8, yb - 2.2 * r + frame), (cx, yb - r + frame)], k)
     if rider:
-        _draw_person(cv, cx - 0.1 * s, yb - 1.6 * r, s, RIDER, rng, seated=True)
+        _draw_person(cv, cx - 0.1 * s, yb - 1.6 * r, s * rider_size, RIDER, rng, seated=True)
 
 
 def _draw_vehicle(cv: Canvas, cx: float, yb: float, s: float, cls: int, rng: Rng) -> None:
@@ -121,7 +128,7 @@ def _draw_vehicle(cv: Canvas, cx: float, yb: float, s: float, cls: int, rng: Rng
 
 
 def _draw_pole(cv: Canvas, cx: float, yb: float, s: float, rng: Rng, to_road: float,
-               scale: float = 1.0) -> None:
+               scale: float = 1.0, sign_p: float = 0.45, light_p: float = 0.3) -> None:
     """Pole with, sometimes, a traffic sign or a traffic light near its top; ``scale`` widens
     the pole and enlarges the sign or light."""
     hgt = rng.uniform(3.5, 6.0) * s
@@ -129,7 +136,7 @@ def _draw_pole(cv: Canvas, cx: float, yb: float, s: float, rng: Rng, to_road: fl
     half = max(0.07 * s, 0.5)
     cv.poly(rect(cx - half, yb - hgt, cx + half, yb), cv.new(POLE))
     u = rng.random()
-    if u < 0.45:
+    if u < sign_p:
         k, size = cv.new(SIGN), rng.uniform(0.5, 0.8) * s
         top = yb - hgt + rng.uniform(0, 0.2) * hgt
         shape = rng.integers(3)
@@ -139,7 +146,7 @@ def _draw_pole(cv: Canvas, cx: float, yb: float, s: float, rng: Rng, to_road: fl
             cv.poly(rect(cx - size / 2, top, cx + size / 2, top + size), k)
         else:
             cv.poly([(cx - size / 2, top), (cx + size / 2, top), (cx, top + size)], k)
-    elif u < 0.75:
+    elif u < sign_p + light_p:
         k = cv.new(LIGHT)
         lx = cx + to_road * rng.uniform(0, 1.5) * s
         if abs(lx - cx) > half:  # a short arm carries it over the road
@@ -160,11 +167,11 @@ def _draw_tree(cv: Canvas, cx: float, yb: float, s: float, rng: Rng) -> None:
 
 
 # ----------------------------------------------------------------------------- scenes
-def _sample_street(h: int, w: int, rng: Rng) -> Street:
+def _sample_street(h: int, w: int, rng: Rng, horizon: tuple[float, float] = (0.36, 0.5)) -> Street:
     road_half = rng.uniform(3.0, 7.5)
     offset = rng.uniform(-0.5, 0.5) * road_half  # camera not on the road's centre line
     return Street(
-        h=h, w=w, yh=h * rng.uniform(0.36, 0.5), xv=w * (0.5 + rng.uniform(-0.12, 0.12)),
+        h=h, w=w, yh=h * rng.uniform(*horizon), xv=w * (0.5 + rng.uniform(-0.12, 0.12)),
         cam_h=rng.uniform(1.2, 1.8), road_l=-road_half + offset, road_r=road_half + offset,
         side_l=-road_half + offset - rng.uniform(2.0, 5.0),
         side_r=road_half + offset + rng.uniform(2.0, 5.0))
@@ -175,7 +182,7 @@ def _draw_skyline(cv: Canvas, st: Street, stats: SceneStats, rng: Rng) -> None:
     x = -rng.uniform(0, 0.1) * st.w
     while x < st.w:
         bw = st.w * rng.uniform(0.06, 0.25)
-        top = st.yh - st.h * rng.uniform(0.04, 0.3)
+        top = st.yh - st.h * rng.uniform(*stats.skyline)
         if rng.random() < stats.skyline_vegetation_p:
             k = cv.new(VEGETATION)
             cv.poly(rect(x, top + 0.3 * (st.yh - top), x + bw, st.yh + 1), k)
@@ -293,13 +300,13 @@ def _draw_objects(cv: Canvas, st: Street, stats: SceneStats, rng: Rng, scale: fl
             lane = road if rider else walk[rng.integers(2)]
             cx, y, s, _ = on_ground(*lane)
             jobs.append((y, lambda cv, cx=cx, y=y, s=s * scale, cls=cls, r=rider:
-                         _draw_two_wheeler(cv, cx, y, s, cls, rng, r)))
+                         _draw_two_wheeler(cv, cx, y, s, cls, rng, r, stats.rider_size)))
     for _ in range(rng.poisson(stats.poles)):
         left = rng.random() < 0.5
         x_m = (st.road_l - 0.4) if left else (st.road_r + 0.4)
         y = st.row(rng.uniform(0.05, 1.0))
         jobs.append((y, lambda cv, x=st.col(x_m, y), y=y, s=st.ppm(y), d=(1 if left else -1):
-                     _draw_pole(cv, x, y, s, rng, d, scale)))
+                     _draw_pole(cv, x, y, s, rng, d, scale, stats.sign_p, stats.light_p)))
     for _ in range(rng.poisson(stats.trees)):
         x_m = (st.side_l + 0.8) if rng.random() < 0.5 else (st.side_r - 0.8)
         y = st.row(rng.uniform(0.05, 0.9))
@@ -342,7 +349,7 @@ def draw_scene(h: int, w: int, stats: SceneStats, rng: Rng, object_scale: float 
     theirs): at small image sizes it keeps the thin and small classes wider than a few output
     strides of the network, so that they can be learned at all."""
     cv = Canvas(h, w)
-    st = _sample_street(h, w, rng)
+    st = _sample_street(h, w, rng, stats.horizon)
     _draw_skyline(cv, st, stats, rng)
     _draw_ground(cv, st, stats, rng)
     _draw_flanks(cv, st, stats, rng, object_scale)

@@ -68,7 +68,7 @@ _TARGET_TEXTURE = np.array([
 ], np.float32)
 
 
-def _smooth_noise(h: int, w: int, cell: int, rng: Rng, channels: int = 1) -> np.ndarray:
+def smooth_noise(h: int, w: int, cell: int, rng: Rng, channels: int = 1) -> np.ndarray:
     """Roughly unit-variance noise, smooth over ``cell`` pixels: (h, w, channels) float32.
 
     A coarse grid of normal draws, quantised to uint8 and upsampled by PIL bilinear.
@@ -122,11 +122,11 @@ def render_target(cv: Canvas, label: np.ndarray, rng: Rng, palette: np.ndarray |
     img = colours.astype(np.float32)[cv.inst]
     # Per-class texture: smooth blotches, fine grain and horizontal streaks (grey levels).
     tex = np.float32(texture) * _TARGET_TEXTURE[np.minimum(label, 19)]  # (h, w, 3)
-    lum = tex[..., 0] * _smooth_noise(h, w, 6, rng)[..., 0]
+    lum = tex[..., 0] * smooth_noise(h, w, 6, rng)[..., 0]
     lum += tex[..., 1] * rng.standard_normal((h, w), dtype=np.float32)
     lum += tex[..., 2] * np.sin(np.arange(h, dtype=np.float32) * 2.1)[:, None]
     img += lum[..., None]
-    img += 4.0 * _smooth_noise(h, w, 24, rng, 3)
+    img += 4.0 * smooth_noise(h, w, 24, rng, 3)
     # Global photometric change as one affine map per pixel: white balance (gain), then
     # saturation (towards the grey level), then contrast (towards 118).
     gain = np.array(_GAIN, np.float32) * rng.uniform(0.95, 1.05, 3).astype(np.float32)

@@ -30,7 +30,7 @@ def open_split(config: mlc.ConfigDict, domain: str, split: str):
         return open_dataset(name, None, split, config.model.num_classes, seed=syn.seed, size=tuple(syn.size),
                             length=syn.length or None, object_scale=syn.object_scale,
                             domain_shift=syn.domain_shift, exposure=syn.exposure,
-                            texture=syn.texture)
+                            texture=syn.texture, version=syn.version)
     if not root:
         raise ValueError(f"config key data.{domain}_root is empty: where is the {name} dataset?")
     if not Path(root).is_dir():

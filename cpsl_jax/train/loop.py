@@ -54,7 +54,7 @@ def _train_loaders(config: mlc.ConfigDict) -> dict[str, Any]:
         return loaders
     target = open_split(config, "target", "train")
     store, kind = None, "soft"
-    if stage in ("stage1", "stage2", "stage3"):
+    if stage in ("stage1", "stage2", "stage3", "self_training"):
         store = PseudoLabelStore(config.data.pseudo_labels)
         kind = "soft" if stage == "stage1" else "hard"
     loaders["target"] = pipeline.target_train_loader(target, _loader_options(config, seed_offset=2), store, kind,
@@ -95,6 +95,8 @@ def _compiled_step(config: mlc.ConfigDict, mesh, tx, disc_tx):
                                tx=tx, disc_tx=disc_tx, config=config)
     elif stage == "stage1":
         fn = functools.partial(steps.stage1_step, model=model, tx=tx, config=config)
+    elif stage == "self_training":
+        fn = functools.partial(steps.self_training_step, model=model, tx=tx, config=config)
     else:
         teacher_model = state_lib.build_model(config, axis_name=None, bn_pretrain=_teacher_bn(config))
         fn = functools.partial(steps.distill_step, model=model, teacher_model=teacher_model, tx=tx, config=config)

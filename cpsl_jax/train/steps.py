@@ -403,6 +403,43 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
     return new, metrics
 
 
+# -- the self-training baseline ------------------------------------------------------------------
+
+def self_training_step(state: TrainState, batch: Batch, *, model, tx, config, axis_name: str | None = AXIS):
+    """Plain hard-label self-training, the baseline CPSL improves on.
+
+    Source cross-entropy plus cross-entropy on the target crop (the weak view) against the
+    warm-up's argmax pseudo labels, with the pixels at or below ``data.confidence_threshold``
+    ignored (applied when the store is read). No prototypes, no Sinkhorn, no class prior, no
+    teacher, no strong view. ``self_training.target_running_stats``: only the target pass moves
+    the running BatchNorm statistics, as ``cpsl.target_running_stats`` in stage 1.
+    """
+    shared, local = _keys(state, axis_name)
+    k_src, k_weak = jax.random.split(shared)
+    k_d1, k_d2 = jax.random.split(local)
+    crop_hw = _crop_hw(config)
+    tgt = batch["target"]
+    src_img, src_lbl = source_view(batch["source"], k_src, config, axis_name)
+    weak = _weak_params(k_weak, tgt["image"], config, axis_name)
+    tgt_img = _per_image(augment.weak_view, tgt["image"], weak)
+    tgt_lbl = augment.move_to_weak(tgt["pseudo_label"][..., None], weak, crop_hw, method="nearest")[..., 0]
+
+    def loss_fn(params):
+        passes = _StudentPasses(model, params["model"], state.batch_stats, [src_img, tgt_img], [k_d1, k_d2],
+                                scan=config.train.scan_passes,
+                                update_stats=(not config.self_training.target_running_stats, True))
+        source_ce = _segmentation_loss(passes.next()["logits"], src_lbl, config, rce=False, axis_name=axis_name)
+        target_ce = _segmentation_loss(passes.next()["logits"], tgt_lbl, config, rce=False, axis_name=axis_name)
+        return source_ce + target_ce, (passes.stats, dict(source_ce=source_ce, target_ce=target_ce))
+
+    (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    params, opt_state, gnorm = _apply_gradients(state, grads, tx, axis_name)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+    metrics = _psum({"loss": loss, **parts}, axis_name)
+    metrics["grad_norm"] = gnorm
+    return new, metrics
+
+
 # -- evaluation ---------------------------------------------------------------------------------
 
 def eval_step(variables: dict, batch: Batch, *, model, num_classes: int, flip: bool = False,
@@ -418,4 +455,4 @@ def eval_step(variables: dict, batch: Batch, *, model, num_classes: int, flip: b
 
 
 STEPS: dict[str, Callable] = {"warmup": warmup_step, "stage1": stage1_step, "stage2": distill_step,
-                              "stage3": distill_step}
+                              "stage3": distill_step, "self_training": self_training_step}
