@@ -83,14 +83,14 @@ def open_dataset(name: str, root: str | None, split: str, num_classes: int = 19,
     """Random-access source of ``{'image', 'label', 'name'}`` items.
 
     name: 'gta5', 'synthia', 'cityscapes' (folder layouts of ``layouts.py`` under
-    ``root``), or 'synthetic-source' / 'synthetic-target' (``cpsl_jax.data.synthetic``,
+    ``root``), or 'synthetic-source' / 'synthetic-target' (``cpsl_jax.synthetic``,
     ``kwargs`` passed on). base_size: (W, H), None (file size) or the dataset default
     (GTA5 / Cityscapes 2048x1024, SYNTHIA 1280x760). strict: raise on label ids outside
     the dataset's id set. tfds_dir: read the ArrayRecord examples prepared there by
     ``tfds_builders.prepare`` instead of the folder.
     """
     if name in SYNTHETIC:
-        from cpsl_jax.data.synthetic import SyntheticDataset  # optional module, loaded lazily
+        from cpsl_jax.synthetic import SyntheticDataset  # loaded only when asked for
 
         return SyntheticDataset(domain=name.split("-")[1], split=split, num_classes=num_classes,
                                 **kwargs)
