@@ -249,9 +249,9 @@ def test_strict_unknown_ids(tmp_path, rng):
 
 def test_synthetic_dispatch_is_lazy(monkeypatch):
     calls = []
-    fake = types.ModuleType("cpsl_jax.data.synthetic")
+    fake = types.ModuleType("cpsl_jax.synthetic")
     fake.SyntheticDataset = lambda **kw: calls.append(kw) or "ds"
-    monkeypatch.setitem(sys.modules, "cpsl_jax.data.synthetic", fake)
+    monkeypatch.setitem(sys.modules, "cpsl_jax.synthetic", fake)
     assert open_dataset("synthetic-target", None, "val", 16, size=8) == "ds"
     assert calls == [dict(domain="target", split="val", num_classes=16, size=8)]
 
@@ -304,7 +304,7 @@ def test_tfds_prepare_fails_on_truncated_file(tmp_path, rng):
 
 
 def test_synthetic_through_open_dataset():
-    pytest.importorskip("cpsl_jax.data.synthetic")
+    pytest.importorskip("cpsl_jax.synthetic")
     ds = open_dataset("synthetic-source", None, "train", 16, size=(32, 48), length=2)
     item = ds[1]
     assert len(ds) == 2 and item["image"].shape == (32, 48, 3) and item["image"].dtype == np.uint8
