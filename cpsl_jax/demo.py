@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cpsl_jax import defaults, visualize
+from cpsl_jax import defaults, demo_properties, visualize
 from cpsl_jax.data import layouts
 
 log = logging.getLogger("cpsl_jax.demo")
@@ -303,6 +303,7 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
         titles.update(module.ORACLE)
     t_start = time.perf_counter()
     per_seed: dict[int, dict[str, dict]] = {}
+    properties: dict[int, dict[str, Any]] = {}
     first_seed_runs = None
     rare: list[int] = []
     names: Sequence[str] = ()
@@ -333,7 +334,10 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
             rare = rarest_third(next(iter(results.values()))["confusion_matrix"])
             names = layouts.class_names(next(iter(configs.values())).model.num_classes)
         per_seed[seed] = summarise(results, rare)
-        (runs / "results.json").write_text(json.dumps({"seed": seed, "rows": per_seed[seed]}, indent=1) + "\n")
+        threshold = configs["self_training"].data.confidence_threshold if "self_training" in configs else None
+        properties[seed] = demo_properties.measure(configs, runs, per_seed[seed], threshold)
+        (runs / "results.json").write_text(json.dumps({"seed": seed, "rows": per_seed[seed],
+                                                       "properties": properties[seed]}, indent=1) + "\n")
         if seed == seeds[0]:
             shown = {k: configs[k] for k in module.REPORTED if k in configs}
             prediction_panels(shown, variables, titles, pictures, workdir)
@@ -347,10 +351,12 @@ def run_demo(config_path: str, workdir: str | Path, *, seeds: Sequence[int] = (0
         if target_statistics:
             text += ["## Target mIoU with target BatchNorm statistics (AdaBN), by seed", "",
                      study_table(per_seed, titles, "miou_target_stats"), ""]
+    text += [f"## The benchmark, measured (seed {seeds[0]})", "", demo_properties.table(properties[seeds[0]], names), ""]
     text.append(f"Wall time {minutes:.1f} min (this run; stages found done were not rerun).")
     report = "\n".join(text) + "\n"
     (workdir / "results.md").write_text(report)
     summary = {"seeds": list(seeds), "rare_classes": [names[i] for i in rare], "rows": per_seed,
+               "properties": properties,
                "class_names": list(names), "minutes": minutes}
     (workdir / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(report, flush=True)

@@ -16,7 +16,7 @@ CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 
 ID_TO_TRAIN_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23: 9, 24: 10,
                   25: 11, 26: 12, 28: 13, 32: 14, 33: 15}
 ROAD, BUILDING, VEGETATION, SKY = 0, 2, 8, 10
-PERSON, RIDER, CAR, TRAIN, MOTORCYCLE, BICYCLE = 11, 12, 13, 16, 17, 18
+PERSON, RIDER, CAR, TRUCK, TRAIN, MOTORCYCLE, BICYCLE = 11, 12, 13, 14, 16, 17, 18
 
 
 def _ids_to_train(ids, table):
@@ -381,3 +381,103 @@ def test_exposure_darkens_the_target_only():
     assert 'exposure=0.8' in repr(SyntheticDataset('target', 'val', exposure=0.8))
     with pytest.raises(ValueError, match='exposure'):
         SyntheticDataset('target', 'val', exposure=0)
+
+
+# ----------------------------------------------------------------------------- synthetic-v2
+V2_SIZE = (96, 192)
+
+
+@pytest.fixture(scope='module')
+def v2_frequencies():
+    from cpsl_jax.synthetic import v2
+
+    out = {}
+    for domain in ('source', 'target'):
+        ds = SyntheticDataset(domain, 'train', size=V2_SIZE, object_scale=v2.OBJECT_SCALE, version='v2', length=400)
+        out[domain] = v2.class_frequencies([ds[i]['label'] for i in range(len(ds))])
+    return out
+
+
+@pytest.mark.parametrize('domain', ['source', 'target'])
+def test_v2_is_deterministic_and_seed_dependent(domain):
+    a = SyntheticDataset(domain, 'train', seed=0, size=V2_SIZE, length=3, version='v2')
+    b = SyntheticDataset(domain, 'train', seed=0, size=V2_SIZE, length=3, version='v2')
+    c = SyntheticDataset(domain, 'train', seed=1, size=V2_SIZE, length=3, version='v2')
+    for i in range(3):
+        np.testing.assert_array_equal(a[i]['image'], b[i]['image'])
+        np.testing.assert_array_equal(a[i]['label'], b[i]['label'])
+        assert not np.array_equal(a[i]['image'], c[i]['image'])
+    v1 = SyntheticDataset(domain, 'train', seed=0, size=V2_SIZE, length=3)
+    assert not np.array_equal(a[0]['image'], v1[0]['image'])
+    assert 'v2' in repr(a) and 'v2' not in repr(v1)
+
+
+def test_v2_source_is_flat_and_its_labels_follow_the_drawn_edges():
+    """The v2 source paints each instance one flat colour: inside an instance no colour edge,
+    and a label edge is a colour edge."""
+    ds = SyntheticDataset('source', 'train', size=V2_SIZE, length=6, version='v2', object_scale=3.0)
+    lab_edges = col_edges = flat = 0
+    for i in range(len(ds)):
+        image, label = ds[i]['image'].astype(np.int16), ds[i]['label'].astype(np.int16)
+        for axis in (0, 1):
+            lab_edge = np.diff(label, axis=axis) != 0
+            col_edge = np.abs(np.diff(image, axis=axis)).sum(-1) > 0
+            lab_edges += lab_edge.sum()
+            col_edges += col_edge[lab_edge].sum()
+            flat += (~col_edge[~lab_edge]).mean() / 12
+    assert lab_edges > 1000 and col_edges / lab_edges > 0.99
+    assert flat > 0.9  # most neighbours of one class share their colour (parts such as windows differ)
+
+
+def test_v2_target_follows_the_cityscapes_distribution(v2_frequencies):
+    """Every class of the target is within a factor of 2 of its Cityscapes frequency, riders
+    excepted (within a factor of 8: the vehicles around them cover them), over 400 images."""
+    from cpsl_jax.synthetic import v2
+
+    design = np.asarray(v2.CITYSCAPES_DISTRIBUTION)
+    ratio = v2_frequencies['target'] / design
+    others = [c for c in range(19) if c != RIDER]
+    assert np.all((ratio[others] > 0.5) & (ratio[others] < 2.0)), np.round(ratio, 2)
+    assert 1 / 8 < ratio[RIDER] < 2.0, ratio[RIDER]
+    # A long tail: the seven rarest classes together hold under 2% of the pixels.
+    assert np.sort(v2_frequencies['target'])[:7].sum() < 0.02
+
+
+def test_v2_source_shifts_the_class_prior_like_gta5(v2_frequencies):
+    """The source has more sky and trucks and fewer people and less vegetation; the target's
+    rarest third is as rare in the source or rarer."""
+    src, tgt = v2_frequencies['source'], v2_frequencies['target']
+    assert src[SKY] > 1.5 * tgt[SKY] and src[TRUCK] > 1.5 * tgt[TRUCK]
+    assert src[PERSON] < 0.6 * tgt[PERSON] and src[VEGETATION] < 0.7 * tgt[VEGETATION]
+    rare = np.argsort(tgt)[:7]
+    assert np.all(src[rare] <= 1.1 * tgt[rare]), (rare, np.round(src[rare] / tgt[rare], 2))
+
+
+def test_v2_shift_is_class_conditional():
+    """No single per-channel affine map takes the source's class colours to the target's: fitted
+    on the class means, it leaves several classes far off. And object classes vary in colour
+    from instance to instance in the target, not in the source."""
+    stats = {}
+    for domain in ('source', 'target'):
+        ds = SyntheticDataset(domain, 'train', size=V2_SIZE, object_scale=3.0, version='v2', length=60)
+        imgs = np.stack([ds[i]['image'] for i in range(len(ds))]).reshape(-1, 3).astype(np.float64)
+        labs = np.stack([ds[i]['label'] for i in range(len(ds))]).ravel()
+        stats[domain] = {c: imgs[labs == c] for c in range(19) if (labs == c).sum() > 300}
+    common = sorted(set(stats['source']) & set(stats['target']))
+    ms = np.array([stats['source'][c].mean(0) for c in common])
+    mt = np.array([stats['target'][c].mean(0) for c in common])
+    residual = np.zeros(len(common))
+    for ch in range(3):
+        a, b = np.polyfit(ms[:, ch], mt[:, ch], 1)
+        residual += (mt[:, ch] - (a * ms[:, ch] + b)) ** 2
+    residual = np.sqrt(residual)
+    assert (residual > 20).sum() >= 4, dict(zip(common, np.round(residual)))
+    spread = {d: np.sqrt(stats[d][CAR].var(0).sum()) for d in stats}
+    assert spread['target'] > 2 * spread['source'], spread  # the source's spread is its windows and tyres
+
+
+def test_v2_refuses_the_v1_knobs():
+    with pytest.raises(ValueError, match='exposure.*v1 target only'):
+        SyntheticDataset('target', 'train', version='v2', exposure=0.85)
+    with pytest.raises(ValueError, match="version must be one of"):
+        SyntheticDataset('target', 'train', version='v3')

@@ -24,7 +24,7 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     # Every stage ran, in order, and left its summary.
     for stage in module.STAGES:
         assert (runs / stage / "summary.json").exists(), stage
-    for stage in ("source_only", "warmup", "stage1", "stage2"):
+    for stage in ("source_only", "warmup", "self_training", "stage1", "stage2"):
         s = json.loads((runs / stage / "summary.json").read_text())
         assert s["step"] == 2 and (runs / stage / "model.msgpack").exists()
     # The artifacts chained between the stages.
@@ -38,9 +38,12 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     hard = PseudoLabelStore(art / "hard_stage1")
     label, _ = hard.read_hard(hard.names("hard")[0], threshold=None)
     assert label.shape == (96, 192) and label.max() < c
+    # The self-training baseline read the warm-up's hard labels (every target training image).
+    assert len(PseudoLabelStore(art / "hard_warmup").names("hard")) == 8
     # The table: one row per reported model, with mIoU, rare-third mIoU and 19 per-class IoUs.
     rows = summary["rows"][0]
     assert list(rows) == list(module.REPORTED)
+    assert list(rows) == ["source_only", "warmup", "self_training", "stage1", "stage2"]
     for row in rows.values():
         assert 0.0 <= row["miou"] <= 100.0 and len(row["per_class_iou"]) == c
         present = [v for v in row["per_class_iou"] if v is not None]
@@ -52,7 +55,18 @@ def test_a_shortened_demo_runs_every_stage_and_writes_the_table_and_pictures(tmp
     table = (runs / "results.md").read_text()
     for title in module.REPORTED.values():
         assert f"| {title} |" in table
-    assert table.count("\n| ") == 1 + len(module.REPORTED)  # the header and a row per model
+    models_table = table.split("## The benchmark")[0]
+    assert models_table.count("\n| ") == 1 + len(module.REPORTED)  # the header and a row per model
+    # The benchmark's measured properties: class frequencies of both training splits (in percent)
+    # and the warm-up's pseudo labels class by class.
+    props = summary["properties"][0]
+    for key in ("source_frequency", "target_frequency"):
+        assert len(props[key]) == c and abs(sum(props[key]) - 100) < 1e-6
+    quality = props["warmup_pseudo_labels"]
+    assert props["self_training_threshold"] == module.SELF_TRAINING_THRESHOLD
+    for key in ("recall", "precision", "kept"):
+        assert len(quality[key]) == c and all(v is None or 0 <= v <= 100 for v in quality[key])
+    assert "| warm-up argmax right % |" in table and "| target pixels % |" in table
     assert "| mIoU, target BN stats |" in table
     source_row = next(line for line in table.splitlines() if line.startswith(f"| {module.REPORTED['source_only']} |"))
     assert len(source_row.strip("|").split("|")) == 4 + c  # title, mIoU, rare, target-stats mIoU, 19 classes

@@ -38,6 +38,11 @@ from cpsl_jax.synthetic.scene import SceneStats
 from cpsl_jax.synthetic.style import smooth_noise
 
 OBJECT_SCALE = 3.0
+# The class distribution of Cityscapes that the authors ship with their GTA5 -> Cityscapes
+# checkpoints (``class_distribution.npy``, 19 train ids): what ``TARGET_STATS`` is designed after.
+CITYSCAPES_DISTRIBUTION = (0.37922, 0.04930, 0.22665, 0.01551, 0.01721, 0.01403, 0.00219, 0.00221, 0.13338,
+                           0.02424, 0.04341, 0.01315, 0.00161, 0.06605, 0.00408, 0.00279, 0.00185, 0.00123,
+                           0.00191)
 # A larger val split than v1's: the rare classes need enough pixels for a stable IoU.
 DEFAULT_LENGTH = {('source', 'train'): 400, ('source', 'val'): 50,
                   ('target', 'train'): 300, ('target', 'val'): 100}
@@ -109,7 +114,7 @@ SOURCE_STATS = SceneStats(
     cars=1.6, trucks=0.1, buses=0.02, train_p=0.035, persons=0.5, cyclists=0.006,
     motorcyclists=0.008, parked_bicycles=0.0, poles=2.0, trees=1.2, skyline_vegetation_p=0.4,
     side_terrain_p=0.8, side_vegetation_p=0.2, facade_p=0.8, wall_p=0.4, fence_p=0.15, ego_p=0.0,
-    sign_p=0.07, light_p=0.035, rider_size=2.2, horizon=(0.34, 0.48), skyline=(0.06, 0.35))
+    sign_p=0.07, light_p=0.035, rider_size=1.6, horizon=(0.34, 0.48), skyline=(0.06, 0.35))
 
 
 def _tables(materials: dict[int, Material]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
