@@ -6,7 +6,7 @@ compiled with ``cpsl_jax.train.parallel`` on a 1-device mesh, on random data at 
 Prints compile time, median ms per step, images/s and XLA's memory figures as it goes.
 
     python benchmarks/stage_step.py --config configs/gta5.py --stages stage1 stage2 [--dtype bfloat16]
-    python benchmarks/stage_step.py --config configs/tiny.py --quick        # CPU smoke run
+    python benchmarks/stage_step.py --config configs/tiny.py --dtype float32 --repeats 2   # CPU smoke run
 """
 
 from __future__ import annotations
