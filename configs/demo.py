@@ -107,8 +107,8 @@ def get_config(arg: str = "source_only"):
     c.model.bn_pretrain = False
     c.data.source, c.data.target = "synthetic-source", "synthetic-target"
     c.data.synthetic.size = (96, 192)
-    c.data.synthetic.version = "v2"
-    c.data.synthetic.object_scale = 3.0
+    c.data.synthetic.object_scale = 2.5
+    c.data.synthetic.exposure = 0.85
     c.data.strong.hue = 0.0
     c.data.source_base_size = c.data.target_base_size = (192, 96)
     c.data.crop_size = (96, 48)

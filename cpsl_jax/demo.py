@@ -87,7 +87,7 @@ def stage_config(module, stage: str, runs: str | Path, seed: int, overrides: dic
                                        f"({', '.join(known)})")
         if not sep or only == stage:
             defaults.set_key(config, key, value)
-    if steps and config.stage in ("warmup", "stage1", "stage2", "stage3"):
+    if steps and config.stage in defaults.TRAINING_STAGES:
         config.train.steps = min(config.train.steps, steps)
         config.train.checkpoint_every = min(config.train.checkpoint_every, steps)
     return config
