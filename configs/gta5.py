@@ -4,7 +4,8 @@
 
 STAGE, in pipeline order: lab_stats, warmup, soft_labels, prototypes, class_distribution, stage1,
 hard_labels, stage2, hard_labels_stage2, stage3, eval (of the stage-3 model; point
-``--config.init.checkpoint`` at any other model, e.g. a published ``.pkl``).
+``--config.init.checkpoint`` at any other model, e.g. a published ``.pkl``). The plain
+self-training baseline: hard_labels_warmup, then self_training (from the warm-up).
 Dataset roots and the artifacts of earlier stages are the paths below; override them with
 ``--config.data.source_root=...`` etc. The warm-up's values are the reference parser's
 defaults: no warm-up command is published (the authors ship the warm-up checkpoint).
