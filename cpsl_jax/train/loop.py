@@ -19,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
+from flax import serialization
 
 from cpsl_jax import evaluate, models
 from cpsl_jax.data import layouts, pipeline
 from cpsl_jax.data.pseudo_labels import PseudoLabelStore
 from cpsl_jax.train import guards, parallel, steps
 from cpsl_jax.train import state as state_lib
-from cpsl_jax.train.checkpoint import Checkpointer, abstract_like
+from cpsl_jax.train.checkpoint import Checkpointer, abstract_like, quarantine
 from cpsl_jax.train.io import init_discriminator, load_variables, open_split, save_model
 from cpsl_jax.train.logger import MetricWriter, Progress, setup_logging
 
@@ -130,8 +131,7 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
     step_fn = _compiled_step(config, mesh, tx, disc_tx)
     total = min(config.train.steps, config.optim.max_steps)
     progress = Progress(total, initial=start, desc=config.stage, images_per_step=config.data.batch_size)
-    best_file = workdir / "best.json"  # the best validation so far survives a resume
-    best = json.loads(best_file.read_text()) if restored is not None and best_file.exists() else {"miou": -1.0}
+    best = _resumed_best(config, ckpt, state, workdir) if restored is not None else {"miou": -1.0}
     summary: dict[str, Any] = {"stage": config.stage}
     t_compile = time.perf_counter()
     try:
@@ -162,6 +162,49 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
     writer.close()
     ckpt.close()
     return summary
+
+
+def _resumed_best(config: mlc.ConfigDict, ckpt: Checkpointer, state, workdir: Path) -> dict:
+    """The best validation so far, as a resumed run goes on comparing with it.
+
+    Its three records are checked, and one that cannot be read is moved aside
+    (``<name>.corrupt-<time>``) with a warning: ``best.json`` (the mIoU to beat),
+    ``checkpoints/best/<step>`` (restored like the rolling steps) and ``best_model.msgpack``,
+    which is written again from the best checkpoint when it is unreadable or missing. With
+    neither a best checkpoint nor a best model left, the next validation becomes the best.
+    """
+    best_file, model_file = workdir / "best.json", workdir / "best_model.msgpack"
+    best = None
+    if best_file.exists():
+        try:
+            best = json.loads(best_file.read_text())
+            best["miou"] = float(best["miou"])
+        except (ValueError, KeyError, TypeError) as err:
+            log.warning("%s could not be read (%s: %s); moved to %s", best_file.name, type(err).__name__,
+                        " ".join(str(err).split())[:200], quarantine(best_file).name)
+            best = None
+    restored = ckpt.restore_best(abstract_like(state))
+    model_ok = False
+    if model_file.exists():
+        try:
+            serialization.msgpack_restore(model_file.read_bytes())
+            model_ok = True
+        except Exception as err:  # noqa: BLE001 - whatever msgpack says, the file is not a model
+            log.warning("%s could not be read (%s: %s); moved to %s", model_file.name, type(err).__name__,
+                        " ".join(str(err).split())[:200], quarantine(model_file).name)
+    if restored is not None:
+        best_state, best_step = restored
+        if not model_ok:
+            save_model(model_file, best_state, config)
+            model_ok = True
+            log.warning("%s written again from the best checkpoint (step %d)", model_file.name, best_step)
+        if best is None:
+            best = {"miou": float(ckpt.best_miou()), "step": best_step}
+    if best is not None and not model_ok:
+        log.warning("the best model (step %s, mIoU %.4f) is lost; the next validation becomes the best",
+                    best.get("step"), best["miou"])
+        best = None
+    return best or {"miou": -1.0}
 
 
 def _log_metrics(config, metrics, step: int, writer, progress) -> None:
