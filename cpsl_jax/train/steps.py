@@ -132,6 +132,17 @@ def _apply_gradients(state: TrainState, grads, tx: optax.GradientTransformation,
     return params, opt_state, optax.tree.norm(grads)
 
 
+def _student_update(state: TrainState, loss_fn, tx: optax.GradientTransformation, axis_name):
+    """One optimiser step of a student whose ``loss_fn(params) -> (loss, (batch_stats, parts))``:
+    the new state (step, params, running statistics, optimiser) and the summed metrics."""
+    (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    params, opt_state, gnorm = _apply_gradients(state, grads, tx, axis_name)
+    new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
+    metrics = _psum({"loss": loss, **parts}, axis_name)
+    metrics["grad_norm"] = gnorm
+    return new, metrics
+
+
 def _crop_hw(config: mlc.ConfigDict) -> tuple[int, int]:
     w, h = config.data.crop_size
     return int(h), int(w)
@@ -395,12 +406,7 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
         total = source_ce + target_ce + config.kd.weight * kd
         return total, (stats, dict(source_ce=source_ce, target_ce=target_ce, kd=kd))
 
-    (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    params, opt_state, gnorm = _apply_gradients(state, grads, tx, axis_name)
-    new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
-    metrics = _psum({"loss": loss, **parts}, axis_name)
-    metrics["grad_norm"] = gnorm
-    return new, metrics
+    return _student_update(state, loss_fn, tx, axis_name)
 
 
 # -- the self-training baseline ------------------------------------------------------------------
@@ -432,12 +438,7 @@ def self_training_step(state: TrainState, batch: Batch, *, model, tx, config, ax
         target_ce = _segmentation_loss(passes.next()["logits"], tgt_lbl, config, rce=False, axis_name=axis_name)
         return source_ce + target_ce, (passes.stats, dict(source_ce=source_ce, target_ce=target_ce))
 
-    (loss, (stats, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    params, opt_state, gnorm = _apply_gradients(state, grads, tx, axis_name)
-    new = state.replace(step=state.step + 1, params=params, batch_stats=stats, opt_state=opt_state)
-    metrics = _psum({"loss": loss, **parts}, axis_name)
-    metrics["grad_norm"] = gnorm
-    return new, metrics
+    return _student_update(state, loss_fn, tx, axis_name)
 
 
 # -- evaluation ---------------------------------------------------------------------------------
