@@ -203,7 +203,9 @@ def set_key(config: mlc.ConfigDict, dotted: str, value: Any) -> None:
     node = config
     for part in parents + [leaf]:
         if not isinstance(node, mlc.ConfigDict) or part not in node:
-            raise ConfigError(f"unknown config key {dotted!r}")
+            from cpsl_jax.config_check import unknown_key_message
+
+            raise ConfigError(unknown_key_message(dotted, config))
         if part != leaf:
             node = node[part]
     old = node[leaf]
@@ -238,9 +240,13 @@ def unknown_keys(config: mlc.ConfigDict, schema: mlc.ConfigDict | None = None, p
 
 def validate(config: mlc.ConfigDict) -> None:
     """Fail early, naming the key, on anything a run would otherwise trip over later."""
+    from cpsl_jax import config_check
+
     bad = unknown_keys(config)
     if bad:
-        raise ConfigError(f"unknown config key(s): {', '.join(bad)} (see cpsl_jax/defaults.py for the schema)")
+        raise ConfigError(config_check.unknown_key_message(bad[0], base(), "the schema (cpsl_jax/defaults.py)")
+                          + (f"; also unknown: {', '.join(bad[1:])}" if bad[1:] else ""))
+    config_check.check_types(config)
     if config.stage not in STAGES:
         raise ConfigError(f"config key stage={config.stage!r} is not one of {STAGES}")
     if config.model.dtype not in ("float32", "bfloat16"):

@@ -1,7 +1,10 @@
 """Command line: ``python -m cpsl_jax.main --config=configs/gta5.py:stage1 --workdir=runs/stage1``.
 
 The config file's ``get_config(arg)`` gives the run; ``--config.x.y=value`` overrides a key.
-Unknown keys and missing paths fail here, before anything is compiled. The workdir receives
+Unknown keys (with the closest ones), values of the wrong type, batches that do not divide over
+the devices, missing paths and a config that differs from the one the workdir's checkpoints
+were written with fail here, before anything is compiled, as one ``error: ...`` line on stderr
+and exit status 2 (``cpsl_jax/config_check.py``). The workdir receives
 the config, checkpoints, TensorBoard events, ``log.txt``, ``metrics.jsonl`` and
 ``summary.json``.
 """
@@ -10,12 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from cpsl_jax import defaults
+from cpsl_jax import config_check, defaults
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "config file (e.g. configs/gta5.py:stage1)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for checkpoints, logs and outputs")
@@ -62,13 +66,15 @@ def check_paths(config) -> None:
             elif not Path(root).is_dir():
                 problems.append(f"data.{domain}_root={root} is not a folder ({name} dataset)")
     if problems:
-        raise defaults.ConfigError("config error:\n  " + "\n  ".join(problems))
+        raise defaults.ConfigError("; ".join(problems))
 
 
 def run(config, workdir: str) -> dict:
     """Run what ``config.stage`` says; returns its summary."""
     defaults.validate(config)
+    config_check.check_batch_sizes(config)
     check_paths(config)
+    config_check.check_resume(config, workdir)
     Path(workdir).mkdir(parents=True, exist_ok=True)
     (Path(workdir) / "config.json").write_text(json.dumps(config.to_dict(), indent=1, default=str) + "\n")
     stage = config.stage
@@ -91,8 +97,34 @@ def main(argv: list[str]) -> None:
     try:
         run(_CONFIG.value, _WORKDIR.value)
     except defaults.ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+        _fail(err, status=2)
+    except Exception as err:
+        from cpsl_jax.train.checkpoint import CheckpointError
+        from cpsl_jax.train.guards import NonFiniteError
+
+        if isinstance(err, (CheckpointError, NonFiniteError)):  # the run's own verdicts: no traceback to add
+            _fail(err, status=1)
+        raise
+
+
+def _fail(message: object, status: int) -> None:
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every config error as one line (exit status 2): unknown
+    override keys are found before ml_collections reads them (it fails on them with a bare
+    ``AttributeError``), values it cannot read are named with the key's type."""
+    try:
+        config_check.check_overrides(argv)
+        return flags.FLAGS(argv)
+    except defaults.ConfigError as err:
+        _fail(err, status=2)
+    except flags.Error as err:
+        _fail(config_check.flag_error(err, argv), status=2)
+    raise AssertionError("unreachable")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -40,6 +40,44 @@ def test_unknown_keys_and_missing_paths_fail_before_compiling(tmp_path):
         main.run(config, tmp_path / "w3")
 
 
+def test_config_checks_name_the_key_in_one_line(tmp_path):
+    """What ``cpsl_jax/config_check.py`` refuses, each as one line naming the key (the command
+    line's cases run as processes in tests/test_faults.py)."""
+    import json
+
+    from cpsl_jax import config_check
+
+    config = tiny("warmup")
+    # Unknown keys, from a config file or the demo's overrides: the closest ones are named.
+    with pytest.raises(defaults.ConfigError, match=r"'train.step'.*closest: train.steps"):
+        defaults.set_key(config, "train.step", "5")
+    # Types: tuples keep their length, ints are not floats, bools are bools.
+    for key, value, words in [("data.crop_size", (64,), "expected a tuple of 2 ints"),
+                              ("train.steps", 1.5, "expected an int"), ("model.remat", 1, "expected a bool")]:
+        bad = tiny("warmup")
+        section, leaf = key.split(".")
+        with bad.ignore_type():  # as a hand-built or deserialised config may hold it
+            bad[section][leaf] = value
+        with pytest.raises(defaults.ConfigError, match=f"{key}=.*{words}"):
+            defaults.validate(bad)
+    # Batches divide over the devices and the processes.
+    config_check.check_batch_sizes(config, device_count=4, process_count=2)
+    with pytest.raises(defaults.ConfigError, match=r"data.batch_size=4 does not divide over the 8 devices "
+                                                   r"\(2 processes\)"):
+        config.data.eval_batch_size = 8
+        config_check.check_batch_sizes(config, device_count=8, process_count=2)
+    # A workdir with checkpoints resumes its own config; train.steps and the like may change.
+    config = tiny("warmup")
+    (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict(), default=str))
+    config.train.steps, config.train.eval_every, config.data.target_root = 50, 7, "/elsewhere"
+    config_check.check_resume(config, tmp_path)
+    config.seed, config.data.crop_size = 1, (32, 32)
+    with pytest.raises(defaults.ConfigError, match=r"another config: data.crop_size=\[64, 32\] there, "
+                                                   r"\[32, 32\] now; seed=0 there, 1 now"):
+        config_check.check_resume(config, tmp_path)
+
+
 def test_loading_a_model_file_checks_its_shapes_and_initialises_nothing(tmp_path, monkeypatch):
     """A stage that starts from a model file reads it as it is: no fresh initialisation is
     computed (its structure is checked against shapes alone), and a file of another network
