@@ -60,6 +60,11 @@ def test_config_checks_name_the_key_in_one_line(tmp_path):
             bad[section][leaf] = value
         with pytest.raises(defaults.ConfigError, match=f"{key}=.*{words}"):
             defaults.validate(bad)
+    # The command line's config file must load: a missing file, an unknown stage.
+    with pytest.raises(defaults.ConfigError, match="configs/nope.py does not exist"):
+        config_check.check_overrides(["main", "--config=configs/nope.py"])
+    with pytest.raises(defaults.ConfigError, match="configs/tiny.py:bogus: unknown stage 'bogus'"):
+        config_check.check_overrides(["main", f"--config={ROOT}/configs/tiny.py:bogus"])
     # Batches divide over the devices and the processes.
     config_check.check_batch_sizes(config, device_count=4, process_count=2)
     with pytest.raises(defaults.ConfigError, match=r"data.batch_size=4 does not divide over the 8 devices "
