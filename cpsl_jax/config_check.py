@@ -4,6 +4,7 @@
   one of its keys (else the closest keys, found with difflib); run before ml_collections
   parses the flags.
 - ``flag_error(err, argv)``: a value ml_collections could not read, as key, value and type.
+- ``validate(config)``: no unknown key, every type right, a known stage and dtype.
 - ``check_types(config)``: every value has the schema's type (``defaults.base()``); tuples
   their length (``--config.data.crop_size=64`` reads as ``(64,)``).
 - ``check_batch_sizes(config)``: the global batches divide over the processes and devices.
@@ -13,11 +14,10 @@
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import ml_collections as mlc
 
@@ -28,44 +28,6 @@ from cpsl_jax import defaults
 RESUMABLE = ("train.steps", "train.log_every", "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
              "train.nonfinite_skip", "data.worker_count", "data.eval_batch_size", "data.source_root",
              "data.target_root", "eval.")
-
-
-def leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    """``(dotted key, value)`` of every leaf of a ConfigDict or a nested dict."""
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, (mlc.ConfigDict, dict)):
-            yield from leaves(value, f"{name}.")
-        else:
-            yield name, value
-
-
-def unknown_key_message(dotted: str, config: mlc.ConfigDict, where: str | None = None) -> str:
-    """``unknown config key 'a.b' in <where>; closest: ...; a holds: ...`` (one line)."""
-    section, _, leaf = dotted.rpartition(".")
-    node = _node(config, section)
-    close: list[str] = []
-    if isinstance(node, mlc.ConfigDict):  # first the keys of its own section whose last part is alike
-        prefix = f"{section}." if section else ""
-        close = [f"{prefix}{k}" for k in difflib.get_close_matches(leaf, list(node), n=3, cutoff=0.4)]
-    keys = [k for k, _ in leaves(config)]
-    close += [k for k in difflib.get_close_matches(dotted, keys, n=3, cutoff=0.6) if k not in close]
-    msg = f"unknown config key {dotted!r}" + (f" in {where}" if where else "")
-    msg += f"; closest: {', '.join(close[:3])}" if close else ""
-    if section and isinstance(node, mlc.ConfigDict):
-        msg += f"; {section} holds: {', '.join(node)}"
-    elif not section or node is None:
-        msg += f"; sections: {', '.join(k for k, v in config.items() if isinstance(v, mlc.ConfigDict))}"
-    return msg
-
-
-def _node(config: mlc.ConfigDict, dotted: str) -> Any:
-    node: Any = config
-    for part in dotted.split(".") if dotted else []:
-        if not isinstance(node, mlc.ConfigDict) or part not in node:
-            return None
-        node = node[part]
-    return node
 
 
 def _config_argument(argv: Sequence[str]) -> str | None:
@@ -100,13 +62,13 @@ def check_overrides(argv: Sequence[str]) -> None:
     except defaults.ConfigError as err:
         raise defaults.ConfigError(f"{spec}: {err}") from None
     for key in _overrides(argv):
-        if _node(config, key) is None and not _is_none_leaf(config, key):
-            raise defaults.ConfigError(f"--config.{key}: " + unknown_key_message(key, config, spec))
+        if defaults.config_node(config, key) is None and not _is_none_leaf(config, key):
+            raise defaults.ConfigError(f"--config.{key}: " + defaults.unknown_key_message(key, config, spec))
 
 
 def _is_none_leaf(config: mlc.ConfigDict, dotted: str) -> bool:
     section, _, leaf = dotted.rpartition(".")
-    node = _node(config, section)
+    node = defaults.config_node(config, section)
     return isinstance(node, mlc.ConfigDict) and leaf in node and node[leaf] is None
 
 
@@ -118,7 +80,7 @@ def flag_error(err: Exception, argv: Sequence[str]) -> str:
     if match and spec:
         key, value, why = match.groups()
         try:
-            old = _node(_load(spec), key)
+            old = defaults.config_node(_load(spec), key)
         except Exception:  # noqa: BLE001 - the original message is still worth showing
             old = None
         if old is not None:
@@ -152,7 +114,7 @@ def check_types(config: mlc.ConfigDict, schema: mlc.ConfigDict | None = None, pr
     schema = defaults.base() if schema is None else schema
     for key, value in config.items():
         if key not in schema:
-            continue  # unknown keys are reported by defaults.validate
+            continue  # unknown keys are reported by validate
         name, want = f"{prefix}{key}", schema[key]
         if isinstance(want, mlc.ConfigDict):
             if not isinstance(value, mlc.ConfigDict):
@@ -198,14 +160,29 @@ def check_resume(config: mlc.ConfigDict, workdir: str | Path) -> None:
     if not (saved_file.is_file() and _has_checkpoints(workdir)):
         return
     try:
-        saved = dict(leaves(json.loads(saved_file.read_text())))
+        saved = dict(defaults.leaves(json.loads(saved_file.read_text())))
     except ValueError as err:
         raise defaults.ConfigError(f"{saved_file} cannot be read ({err}); it records the config of the "
                                    "checkpoints there: restore it, or use a new workdir") from None
-    now = dict(leaves(json.loads(json.dumps(config.to_dict(), default=str))))
+    now = dict(defaults.leaves(json.loads(json.dumps(config.to_dict(), default=str))))
     changed = [f"{k}={saved[k]!r} there, {now[k]!r} now" for k in now
                if k in saved and not _resumable(k) and saved[k] != now[k]]
     if changed:
         raise defaults.ConfigError(
             f"{workdir} holds checkpoints of a run with another config: {'; '.join(changed)}. Resume with the "
             f"same values or use a new workdir (a resume may change only {', '.join(RESUMABLE)})")
+
+
+def validate(config: mlc.ConfigDict) -> None:
+    """Fail early, naming the key, on anything a run would otherwise trip over later: unknown keys
+    (with the closest ones), wrong types, an unknown stage or dtype."""
+    bad = defaults.unknown_keys(config)
+    if bad:
+        raise defaults.ConfigError(defaults.unknown_key_message(bad[0], defaults.base(),
+                                                                "the schema (cpsl_jax/defaults.py)")
+                                   + (f"; also unknown: {', '.join(bad[1:])}" if bad[1:] else ""))
+    check_types(config)
+    if config.stage not in defaults.STAGES:
+        raise defaults.ConfigError(f"config key stage={config.stage!r} is not one of {defaults.STAGES}")
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise defaults.ConfigError(f"config key model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")

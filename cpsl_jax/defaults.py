@@ -9,11 +9,12 @@ warm-up's are the parser's defaults, since no warm-up command is published.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Iterator
 
 import ml_collections as mlc
 
@@ -193,6 +194,44 @@ def load_config_file(path: str | Path) -> ModuleType:
     return module
 
 
+def leaves(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted key, value)`` of every leaf of a ConfigDict or a nested dict."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, (mlc.ConfigDict, dict)):
+            yield from leaves(value, f"{name}.")
+        else:
+            yield name, value
+
+
+def unknown_key_message(dotted: str, config: mlc.ConfigDict, where: str | None = None) -> str:
+    """``unknown config key 'a.b' in <where>; closest: ...; a holds: ...`` (one line)."""
+    section, _, leaf = dotted.rpartition(".")
+    node = config_node(config, section)
+    close: list[str] = []
+    if isinstance(node, mlc.ConfigDict):  # first the keys of its own section whose last part is alike
+        prefix = f"{section}." if section else ""
+        close = [f"{prefix}{k}" for k in difflib.get_close_matches(leaf, list(node), n=3, cutoff=0.4)]
+    keys = [k for k, _ in leaves(config)]
+    close += [k for k in difflib.get_close_matches(dotted, keys, n=3, cutoff=0.6) if k not in close]
+    msg = f"unknown config key {dotted!r}" + (f" in {where}" if where else "")
+    msg += f"; closest: {', '.join(close[:3])}" if close else ""
+    if section and isinstance(node, mlc.ConfigDict):
+        msg += f"; {section} holds: {', '.join(node)}"
+    elif not section or node is None:
+        msg += f"; sections: {', '.join(k for k, v in config.items() if isinstance(v, mlc.ConfigDict))}"
+    return msg
+
+
+def config_node(config: mlc.ConfigDict, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split(".") if dotted else []:
+        if not isinstance(node, mlc.ConfigDict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
 def set_key(config: mlc.ConfigDict, dotted: str, value: Any) -> None:
     """``config.a.b = value`` for ``dotted='a.b'``; an unknown key fails, naming it.
 
@@ -203,8 +242,6 @@ def set_key(config: mlc.ConfigDict, dotted: str, value: Any) -> None:
     node = config
     for part in parents + [leaf]:
         if not isinstance(node, mlc.ConfigDict) or part not in node:
-            from cpsl_jax.config_check import unknown_key_message
-
             raise ConfigError(unknown_key_message(dotted, config))
         if part != leaf:
             node = node[part]
@@ -236,21 +273,6 @@ def unknown_keys(config: mlc.ConfigDict, schema: mlc.ConfigDict | None = None, p
         elif isinstance(value, mlc.ConfigDict) and isinstance(schema[key], mlc.ConfigDict):
             out.extend(unknown_keys(value, schema[key], prefix=f"{name}."))
     return out
-
-
-def validate(config: mlc.ConfigDict) -> None:
-    """Fail early, naming the key, on anything a run would otherwise trip over later."""
-    from cpsl_jax import config_check
-
-    bad = unknown_keys(config)
-    if bad:
-        raise ConfigError(config_check.unknown_key_message(bad[0], base(), "the schema (cpsl_jax/defaults.py)")
-                          + (f"; also unknown: {', '.join(bad[1:])}" if bad[1:] else ""))
-    config_check.check_types(config)
-    if config.stage not in STAGES:
-        raise ConfigError(f"config key stage={config.stage!r} is not one of {STAGES}")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"config key model.dtype={config.model.dtype!r}: use 'float32' or 'bfloat16'")
 
 
 def apply_stage(c, stage: str, runs: str) -> None:

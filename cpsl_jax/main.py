@@ -71,7 +71,7 @@ def check_paths(config) -> None:
 
 def run(config, workdir: str) -> dict:
     """Run what ``config.stage`` says; returns its summary."""
-    defaults.validate(config)
+    config_check.validate(config)
     config_check.check_batch_sizes(config)
     check_paths(config)
     config_check.check_resume(config, workdir)

@@ -59,7 +59,7 @@ def test_config_checks_name_the_key_in_one_line(tmp_path):
         with bad.ignore_type():  # as a hand-built or deserialised config may hold it
             bad[section][leaf] = value
         with pytest.raises(defaults.ConfigError, match=f"{key}=.*{words}"):
-            defaults.validate(bad)
+            config_check.validate(bad)
     # The command line's config file must load: a missing file, an unknown stage.
     with pytest.raises(defaults.ConfigError, match="configs/nope.py does not exist"):
         config_check.check_overrides(["main", "--config=configs/nope.py"])
