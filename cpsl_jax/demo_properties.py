@@ -19,19 +19,10 @@ import numpy as np
 from cpsl_jax.data import layouts
 
 
-def class_frequencies(dataset, num_classes: int) -> np.ndarray:
-    """Fraction of the labelled pixels of each class over every item of ``dataset``: (C,)."""
-    counts = np.zeros(num_classes, np.float64)
-    for i in range(len(dataset)):
-        label = np.asarray(dataset[i]["label"])
-        counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)[:num_classes]
-    return counts / max(counts.sum(), 1.0)
-
-
 def pseudo_label_quality(dataset, store_path: str | Path, threshold: float, num_classes: int) -> dict[str, list]:
     """Per class, in percent: ``recall`` of the argmax over all pixels of the class, ``precision``
     and ``kept`` (share of the class's pixels) of the labels above ``threshold``."""
-    from cpsl_jax.data.pseudo_labels import PseudoLabelStore
+    from cpsl_jax.data.pseudo_labels import PseudoLabelStore, threshold_hard
 
     store = PseudoLabelStore(store_path)
     hit, total = np.zeros(num_classes), np.zeros(num_classes)
@@ -43,7 +34,7 @@ def pseudo_label_quality(dataset, store_path: str | Path, threshold: float, num_
         if label.shape != truth.shape:
             raise ValueError(f"{store_path}: pseudo label of {item['name']} is {label.shape}, its image {truth.shape}")
         valid = truth < num_classes
-        kept = valid & (conf.astype(np.float64) > float(np.float16(threshold)))
+        kept = valid & (threshold_hard(label, conf, threshold) != 255)
         t, p = truth[valid], label[valid]
         total += np.bincount(t, minlength=num_classes)[:num_classes]
         hit += np.bincount(t[t == p], minlength=num_classes)[:num_classes]
@@ -64,12 +55,15 @@ def measure(configs: dict[str, Any], runs: Path, rows: dict[str, dict], threshol
 
     config = next(iter(configs.values()))
     c = config.model.num_classes
-    out: dict[str, Any] = {
-        "source_frequency": (100 * class_frequencies(open_split(config, "source", "train"), c)).tolist(),
-        "target_frequency": (100 * class_frequencies(open_split(config, "target", "train"), c)).tolist()}
+    source, target = open_split(config, "source", "train"), open_split(config, "target", "train")
+
+    def frequency(ds) -> list[float]:
+        return (100 * layouts.class_frequencies((ds[i]["label"] for i in range(len(ds))), c)).tolist()
+
+    out: dict[str, Any] = {"source_frequency": frequency(source), "target_frequency": frequency(target)}
     store = runs / "artifacts" / "hard_warmup"
     if threshold is not None and store.is_dir():
-        out["warmup_pseudo_labels"] = pseudo_label_quality(open_split(config, "target", "train"), store, threshold, c)
+        out["warmup_pseudo_labels"] = pseudo_label_quality(target, store, threshold, c)
         out["self_training_threshold"] = threshold
     if "target_labels" in rows and "source_only" in rows and "miou_target_stats" in rows["source_only"]:
         out["oracle_minus_source_only_adabn"] = rows["target_labels"]["miou"] - rows["source_only"]["miou_target_stats"]

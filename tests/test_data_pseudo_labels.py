@@ -121,3 +121,21 @@ def test_self_training_reads_the_warmup_labels_thresholded_as_configured(tmp_pat
         expected = np.where(c16.astype(np.float64) > float(np.float16(threshold)), label, 255)
         np.testing.assert_array_equal(got, expected)
         assert 0.05 < (got == 255).mean() < 0.95
+
+
+def test_the_demo_scores_the_warmup_labels_class_by_class(tmp_path):
+    """Recall over all pixels, and share kept and precision above the threshold, by hand."""
+    from cpsl_jax.demo_properties import pseudo_label_quality
+
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 1]], np.uint8)
+    label = np.array([[0, 1, 1, 1], [2, 0, 2, 1]], np.uint8)
+    conf = np.array([[0.95, 0.99, 0.5, 0.99], [0.99, 0.99, 0.99, 0.2]])
+    store = PseudoLabelStore(tmp_path / "hard", create=True)
+    store.write_hard("a", label, conf)
+    q = pseudo_label_quality([{"name": "a", "label": truth}], tmp_path / "hard", 0.9, 3)
+    assert q["recall"] == [50.0, 100.0, 50.0]
+    # Kept (truth classes): class 0 both pixels, class 1 one of three, class 2 both; the ignored
+    # pixel is never counted. Predicted 0 among kept: (0,0) right and (1,1) wrong; 1: (0,1)
+    # wrong and (0,3) right; 2: (1,0) right.
+    assert q["kept"] == [100.0, 100.0 / 3, 100.0]
+    assert q["precision"] == [50.0, 50.0, 100.0]

@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from cpsl_jax import synthetic
+from cpsl_jax.data import layouts
 from cpsl_jax.synthetic import SyntheticDataset, style, write_layout
 
 # Written out independently of the module: Cityscapes label id -> train id (19 classes),
@@ -394,7 +395,7 @@ def v2_frequencies():
     out = {}
     for domain in ('source', 'target'):
         ds = SyntheticDataset(domain, 'train', size=V2_SIZE, object_scale=v2.OBJECT_SCALE, version='v2', length=400)
-        out[domain] = v2.class_frequencies([ds[i]['label'] for i in range(len(ds))])
+        out[domain] = layouts.class_frequencies(ds[i]['label'] for i in range(len(ds)))
     return out
 
 
@@ -481,3 +482,10 @@ def test_v2_refuses_the_v1_knobs():
         SyntheticDataset('target', 'train', version='v2', exposure=0.85)
     with pytest.raises(ValueError, match="version must be one of"):
         SyntheticDataset('target', 'train', version='v3')
+
+
+def test_class_frequencies_count_labelled_pixels_only():
+    a = np.array([[0, 0, 255], [2, 19, 2]], np.uint8)   # 19 is outside the 19 classes: not counted
+    b = np.array([[2, 1]], np.uint8)
+    np.testing.assert_allclose(layouts.class_frequencies([a, b], 19)[:3], [2 / 6, 1 / 6, 3 / 6])
+    assert layouts.class_frequencies([a, b], 19)[3:].sum() == 0

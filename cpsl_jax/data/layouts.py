@@ -103,6 +103,16 @@ def palette(num_classes: int) -> np.ndarray:
     return PALETTE_19[list(TO_19[num_classes])]
 
 
+def class_frequencies(labels, num_classes: int = 19) -> np.ndarray:
+    """Fraction of the labelled pixels of each class over an iterable of train-id label maps
+    (ignore and other ids above the classes excluded): (C,) float64."""
+    counts = np.zeros(num_classes, np.float64)
+    for label in labels:
+        label = np.asarray(label)
+        counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)[:num_classes]
+    return counts / max(counts.sum(), 1.0)
+
+
 def kept_ids(dataset: str, num_classes: int) -> tuple[int, ...]:
     """Dataset label ids kept for ``num_classes``, position = train id."""
     _check_num_classes(num_classes)

@@ -14,7 +14,7 @@ and photos of real streets:
   tiled. A colour shift that moves each class in its own direction, and for objects only some
   of their instances, cannot be undone by one per-channel affine map per layer.
 * class frequencies differ the way GTA5's and Cityscapes' do (``TARGET_STATS``, ``SOURCE_STATS``,
-  measured by ``class_frequencies``): the target follows the Cityscapes distribution, with a
+  measured by ``data.layouts.class_frequencies``): the target follows the Cityscapes distribution, with a
   long tail of lights, signs, riders, trains, motorcycles and bicycles; the source has more
   sky, road, trucks and cars, fewer people and less vegetation, and its rare classes are as
   rare or rarer.
@@ -27,8 +27,6 @@ every class from the target's own labels (the oracle row of the demo measures it
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
-
 import numpy as np
 
 from cpsl_jax.synthetic.geometry import (BICYCLE, BUILDING, BUS, CAR, FENCE, HOOD, LIGHT, MARKING, MOTORCYCLE,
@@ -104,7 +102,7 @@ TARGET_MATERIALS: dict[int, Material] = {
 
 # Expected object counts and layout probabilities, chosen so that the measured pixel
 # frequencies follow the Cityscapes distribution in the target and a GTA5-like one in the
-# source (``class_frequencies``; the demo prints both).
+# source (``data.layouts.class_frequencies``; the demo prints both).
 TARGET_STATS = SceneStats(
     cars=1.35, trucks=0.016, buses=0.022, train_p=0.04, persons=1.35, cyclists=0.03,
     motorcyclists=0.012, parked_bicycles=0.0, poles=2.4, trees=2.6, skyline_vegetation_p=0.78,
@@ -158,11 +156,3 @@ def render(cv: Canvas, domain: str, rng: Rng) -> np.ndarray:
     if domain == 'target':
         img += 2.0 * rng.standard_normal(img.shape, dtype=np.float32)
     return np.clip(img, 0, 255).astype(np.uint8)
-
-
-def class_frequencies(labels: Sequence[np.ndarray], num_classes: int = 19) -> np.ndarray:
-    """Fraction of labelled pixels of each class over ``labels`` (ignore excluded): (C,) float64."""
-    counts = np.zeros(num_classes, np.float64)
-    for label in labels:
-        counts += np.bincount(label[label < num_classes].ravel(), minlength=num_classes)[:num_classes]
-    return counts / max(counts.sum(), 1.0)
