@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import serialization
@@ -164,6 +163,12 @@ def train(config: mlc.ConfigDict, workdir: str | Path) -> dict:
     return summary
 
 
+def _move_unreadable(path: Path, err: Exception) -> None:
+    """Move an unreadable record aside (``quarantine``) with one warning line naming the error."""
+    why = " ".join(str(err).split())[:200]
+    log.warning("%s could not be read (%s: %s); moved to %s", path.name, type(err).__name__, why, quarantine(path).name)
+
+
 def _resumed_best(config: mlc.ConfigDict, ckpt: Checkpointer, state, workdir: Path) -> dict:
     """The best validation so far, as a resumed run goes on comparing with it.
 
@@ -180,8 +185,7 @@ def _resumed_best(config: mlc.ConfigDict, ckpt: Checkpointer, state, workdir: Pa
             best = json.loads(best_file.read_text())
             best["miou"] = float(best["miou"])
         except (ValueError, KeyError, TypeError) as err:
-            log.warning("%s could not be read (%s: %s); moved to %s", best_file.name, type(err).__name__,
-                        " ".join(str(err).split())[:200], quarantine(best_file).name)
+            _move_unreadable(best_file, err)
             best = None
     restored = ckpt.restore_best(abstract_like(state))
     model_ok = False
@@ -190,8 +194,7 @@ def _resumed_best(config: mlc.ConfigDict, ckpt: Checkpointer, state, workdir: Pa
             serialization.msgpack_restore(model_file.read_bytes())
             model_ok = True
         except Exception as err:  # noqa: BLE001 - whatever msgpack says, the file is not a model
-            log.warning("%s could not be read (%s: %s); moved to %s", model_file.name, type(err).__name__,
-                        " ".join(str(err).split())[:200], quarantine(model_file).name)
+            _move_unreadable(model_file, err)
     if restored is not None:
         best_state, best_step = restored
         if not model_ok:

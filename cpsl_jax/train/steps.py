@@ -378,7 +378,6 @@ def distill_step(state: TrainState, batch: Batch, *, model, teacher_model, tx, c
     crop_hw = _crop_hw(config)
     quarter = _quarter(crop_hw)
     tgt = batch["target"]
-    b = tgt["image"].shape[0]
     src_img, src_lbl = source_view(batch["source"], k_src, config, axis_name)
     weak = _weak_params(k_weak, tgt["image"], config, axis_name)
     weak_img = _per_image(augment.weak_view, tgt["image"], weak)
